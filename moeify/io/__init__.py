@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: validated lazy safetensors shards, streamed shard writing, atomic folders."""

@@ -1,0 +1,69 @@
+"""`moeify.json`: every output folder records how it was made.
+
+One file per output, holding one record per stage that produced it, in order (split, finetune,
+quantize, ...). A stage copies the records of its input and adds its own, so the final folder tells
+the whole story: the model card, `inspect` and `run`'s resume logic all read it from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from moeify import __version__
+
+METADATA_NAME = "moeify.json"
+
+
+def read_metadata(folder: str | Path) -> dict[str, Any]:
+    """The folder's moeify.json, or an empty record for checkpoints moeify did not make."""
+    path = Path(folder) / METADATA_NAME
+    if not path.is_file():
+        return {"stages": {}}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {"stages": {}}
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
+        return {"stages": {}}
+    return data
+
+
+def write_metadata(folder: str | Path, stage: str, record: dict[str, Any], previous: dict[str, Any] | None = None,
+                   **top_level: Any) -> dict[str, Any]:
+    """Write moeify.json into `folder`: the input's stage records plus this stage's `record`."""
+    stages = dict((previous or {}).get("stages", {}))
+    stages.pop(stage, None)  # a re-run of a stage replaces its old record, and moves it last
+    stages[stage] = {"moeify_version": __version__, "complete": True, **record}
+    data = {**{k: v for k, v in (previous or {}).items() if k != "stages"}, **top_level,
+            "moeify_version": __version__, "last_stage": stage, "stages": stages}
+    (Path(folder) / METADATA_NAME).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return data
+
+
+def stage_record(folder: str | Path, stage: str) -> dict[str, Any] | None:
+    return read_metadata(folder)["stages"].get(stage)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A stable short hash of a config.json, to tell later which source a conversion came from."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "machine": platform.machine(), "cpus": _cpu_count()}
+    if torch.cuda.is_available():
+        info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
