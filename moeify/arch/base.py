@@ -1,0 +1,154 @@
+"""The two small interfaces every model family implements: a dense source and an MoE target.
+
+Adding a family means adding one module with one of these classes and listing it in `arch/__init__.py`.
+A source says how to find a layer's FFN and whether its config can be converted at all; a target says
+how the MoE config and tensor names are written so that stock transformers and vLLM load them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moeify.errors import InputError, UnsupportedModelError
+
+# Keys of a dense config that carry over to every target unchanged (attention, norms, rope, tokens).
+CARRIED_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_cache",
+    "tie_word_embeddings", "rope_parameters", "rope_theta", "rope_scaling", "partial_rotary_factor",
+    "sliding_window", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype",
+)
+# Keys dropped on purpose: they describe the dense FFN or the file, not the network we write.
+IGNORED_KEYS = {
+    "architectures", "model_type", "transformers_version", "intermediate_size", "mlp_bias", "pretraining_tp",
+    "_name_or_path", "_model_name_or_path", "auto_map", "quantization_config", "unk_token_id", "output_attentions",
+    "output_hidden_states", "return_dict", "layer_types", "use_sliding_window", "max_window_layers",
+    "attention_bias", "qkv_bias", "_attn_implementation_autoset", "id2label", "label2id", "tokenizer_class",
+    "chunk_size_feed_forward", "is_encoder_decoder", "problem_type",
+}
+
+
+@dataclass(frozen=True)
+class FFNNames:
+    """Tensor names of one SwiGLU block: gate and up are [inter, hidden], down is [hidden, inter]."""
+
+    gate: str
+    up: str
+    down: str
+
+
+@dataclass
+class TargetPlan:
+    """What a target needs to know to write the MoE: sizes and the user's choices."""
+
+    experts: int
+    top_k: int
+    shared: int
+    expert_size: int  # neurons per routed (and per shared) expert, after padding
+    dense_layers: list[int] = field(default_factory=list)
+
+
+def require_int(config: dict[str, Any], key: str, minimum: int = 1, maximum: int = 1 << 22) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InputError(f"config.json: {key} is missing or not an integer ({value!r})", "the config is incomplete")
+    if not minimum <= value <= maximum:
+        raise InputError(f"config.json: {key} = {value} is out of range [{minimum}, {maximum}]",
+                         "the config is corrupt")
+    return value
+
+
+class SourceFamily:
+    """A dense decoder family whose FFN is `mlp.{gate,up,down}_proj` with SiLU gating."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    default_target: str = "mixtral"
+    targets: tuple[str, ...] = ("mixtral",)
+
+    def ffn_names(self, layer: int) -> FFNNames:
+        p = f"model.layers.{layer}.mlp."
+        return FFNNames(p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight")
+
+    def check(self, config: dict[str, Any]) -> None:
+        """Refuse configs whose FFN is not plain SwiGLU without bias (the split would be wrong)."""
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            require_int(config, key, maximum=1 << 20 if key != "num_hidden_layers" else 10_000)
+        act = config.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedModelError(f"hidden_act {act!r} is not SiLU; moeify splits SwiGLU FFNs only")
+        if config.get("mlp_bias"):
+            raise UnsupportedModelError("the FFN has biases (mlp_bias: true), which MoE targets cannot express")
+
+    def choose_target(self, shared: int, requested: str | None) -> str:
+        if requested:
+            if requested not in self.targets:
+                raise UnsupportedModelError(f"{self.name} cannot become {requested}",
+                                            f"targets for {self.name}: {', '.join(self.targets)}")
+            return requested
+        return self.default_target
+
+
+class TargetArch:
+    """An MoE architecture that stock transformers and vLLM load from per-expert tensors."""
+
+    name: str = ""
+    architecture: str = ""
+    model_type: str = ""
+    supports_shared: bool = False
+    supports_dense_layers: bool = False
+    # Mixtral renormalises the top-k softmax: each of k near-equal weights is 1/k, so experts are scaled by k.
+    renormalizes_top_k: bool = True
+    shared_gate_value: float = 1.0  # what the shared expert's gate multiplies by when its weight is zero
+
+    def check(self, config: dict[str, Any], plan: TargetPlan, source: SourceFamily) -> None:
+        if plan.shared and not self.supports_shared:
+            raise UnsupportedModelError(f"{self.architecture} has no shared experts",
+                                        "use --shared 0, or a target that has them (qwen2_moe)")
+        if plan.dense_layers and not self.supports_dense_layers:
+            raise UnsupportedModelError(f"{self.architecture} cannot keep layers dense",
+                                        "drop --dense-layers or use the qwen2_moe/qwen3_moe target")
+
+    def routed_scale(self, plan: TargetPlan) -> float:
+        """Factor on each routed expert's down_proj so that near-uniform routing weights become 1."""
+        return float(plan.top_k if self.renormalizes_top_k else plan.experts)
+
+    def build_config(self, dense: dict[str, Any], plan: TargetPlan) -> dict[str, Any]:
+        config = {k: dense[k] for k in CARRIED_KEYS if k in dense}
+        rope = dense.get("rope_parameters")
+        if isinstance(rope, dict):  # transformers 4.x reads these legacy keys; 5.x reads rope_parameters
+            if "rope_theta" in rope:
+                config.setdefault("rope_theta", rope["rope_theta"])
+            if rope.get("rope_type", "default") != "default":
+                config.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+        config.update(architectures=[self.architecture], model_type=self.model_type,
+                      num_experts_per_tok=plan.top_k, num_experts=plan.experts, num_local_experts=plan.experts,
+                      output_router_logits=False)
+        return config
+
+    def router_name(self, layer: int) -> str:
+        raise NotImplementedError
+
+    def expert_names(self, layer: int, expert: int) -> FFNNames:
+        raise NotImplementedError
+
+    def shared_names(self, layer: int) -> FFNNames | None:
+        return None
+
+    def shared_gate_name(self, layer: int) -> str | None:
+        return None
+
+    def dense_names(self, layer: int) -> FFNNames:
+        p = f"model.layers.{layer}.mlp."
+        return FFNNames(p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight")
+
+    def rename(self, name: str) -> str:
+        """Name of a carried-over (non-FFN) tensor in the target; identical for every family so far."""
+        return name
+
+    def extra_tensors(self, dense: dict[str, Any], layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Tensors the target needs that the source lacks (e.g. zero q/k/v biases)."""
+        return {}

@@ -1,0 +1,19 @@
+"""Registry of splitting methods (`--method`)."""
+
+from __future__ import annotations
+
+from moeify.errors import UsageError
+from moeify.methods.base import SplitContext, SplitMethod
+from moeify.methods.weights import WeightsMethod
+
+METHODS: dict[str, type[SplitMethod]] = {"weights": WeightsMethod}
+DEFAULT_METHOD = "weights"
+
+__all__ = ["METHODS", "DEFAULT_METHOD", "SplitContext", "SplitMethod", "make_method"]
+
+
+def make_method(name: str) -> SplitMethod:
+    try:
+        return METHODS[name]()
+    except KeyError:
+        raise UsageError(f"unknown --method {name!r}", f"choose one of: {', '.join(METHODS)}") from None

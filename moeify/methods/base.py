@@ -1,0 +1,52 @@
+"""The interface of a splitting method: how a dense FFN becomes experts, a shared block and a router.
+
+Methods are called layer by layer, in order, by `split.py`, which owns all reading, writing and
+target-specific scaling. A method that needs data (calibration) sets itself up in `prepare` and may
+run the dense model alongside, one layer at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moeify.arch.base import SourceFamily, TargetArch
+from moeify.io.reader import CheckpointReader
+from moeify.moe_layer import FFNWeights, MoELayer
+from moeify.progress import Reporter
+
+
+@dataclass
+class SplitContext:
+    """Everything a method may need to know about the run, fixed before the first layer."""
+
+    folder: Path
+    reader: CheckpointReader
+    config: dict[str, Any]
+    family: SourceFamily
+    target: TargetArch
+    experts: int
+    top_k: int
+    shared: int
+    expert_size: int
+    seed: int
+    reporter: Reporter
+    calibration: str | None = None
+    calibration_tokens: int = 65536
+    dense_layers: tuple[int, ...] = ()
+
+
+class SplitMethod:
+    name: str = ""
+    needs_calibration: bool = False
+
+    def prepare(self, ctx: SplitContext) -> None:
+        self.ctx = ctx
+
+    def build(self, layer: int, ffn: FFNWeights) -> MoELayer:
+        raise NotImplementedError
+
+    def finish(self) -> dict[str, Any]:
+        """Method-specific facts for moeify.json (e.g. per-layer reconstruction error)."""
+        return {}

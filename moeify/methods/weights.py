@@ -1,0 +1,47 @@
+"""`--method weights`: data-free split by balanced k-means on normalised neuron weight vectors.
+
+Exact when every expert runs, and the reference for exactness tests; it knows nothing about which
+neurons fire together, so quality at small top-k is poor (see docs/quality.md). Shared experts take
+the neurons with the largest weight-norm product, a data-free stand-in for "fires for every token".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moeify.cluster import balanced_kmeans, reduce_features
+from moeify.methods.base import SplitMethod
+from moeify.moe_layer import FFNWeights, MoELayer, split_by_groups
+
+
+def neuron_features(ffn: FFNWeights) -> np.ndarray:
+    """Each neuron as its normalised gate row, up row and down column, concatenated."""
+    parts = [ffn.gate, ffn.up, ffn.down.T]
+    feats = torch.cat([p / p.norm(dim=1, keepdim=True).clamp_min(1e-12) for p in parts], dim=1)
+    return feats.float().numpy()
+
+
+def unit_router(centroids: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
+    """Scale router rows so logits have about unit spread on RMS-normalised inputs (x = gamma * n, |n_i|~1)."""
+    effective = centroids * (norm_weight.float()[None, :] if norm_weight is not None else 1.0)
+    return centroids / effective.norm(dim=1).max().clamp_min(1e-12)
+
+
+class WeightsMethod(SplitMethod):
+    name = "weights"
+
+    def build(self, layer: int, ffn: FFNWeights) -> MoELayer:
+        ctx = self.ctx
+        m, experts = ctx.expert_size, ctx.experts
+        importance = ffn.gate.norm(dim=1) * ffn.up.norm(dim=1) * ffn.down.norm(dim=0)
+        n_shared = min(ctx.shared * m, ffn.size - experts)  # leave at least one neuron per routed expert
+        order = torch.argsort(importance, descending=True)
+        shared_idx, routed_idx = order[:n_shared], order[n_shared:]
+        feats = reduce_features(neuron_features(ffn)[routed_idx.numpy()], seed=ctx.seed)
+        labels = balanced_kmeans(feats, experts, capacity=m, seed=ctx.seed + layer)
+        groups = [routed_idx[torch.from_numpy(np.flatnonzero(labels == e))] for e in range(experts)]
+        centroids = torch.stack([ffn.gate[g].mean(0) if len(g) else torch.zeros(ffn.gate.shape[1]) for g in groups])
+        norm_name = f"model.layers.{layer}.post_attention_layernorm.weight"
+        gamma = ctx.reader.get(norm_name) if norm_name in ctx.reader else None
+        return split_by_groups(ffn, shared_idx, groups, m, ctx.shared * m, unit_router(centroids, gamma))

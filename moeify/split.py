@@ -1,0 +1,329 @@
+"""`moeify split`: a dense checkpoint becomes a stock MoE checkpoint, streamed one layer at a time.
+
+The order is always: resolve the source, validate config and every shard header, build the complete
+output plan (every tensor's name, dtype and shape, on paper) and check it, and only then read, split and
+write one layer at a time straight into the planned shards. Memory holds one layer, never the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeify import __version__
+from moeify.arch import TargetArch, TargetPlan, source_family, target_arch
+from moeify.arch.base import CARRIED_KEYS, IGNORED_KEYS
+from moeify.errors import InputError, UsageError
+from moeify.io.output import atomic_output, check_output_path
+from moeify.io.reader import CheckpointReader, load_json
+from moeify.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
+from moeify.metadata import config_hash, write_metadata
+from moeify.methods import DEFAULT_METHOD, SplitContext, make_method
+from moeify.moe_layer import FFNWeights, MoELayer
+from moeify.progress import SILENT, Reporter
+from moeify.source import Source, copy_side_files, resolve_source
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SplitOptions:
+    """Everything that decides the output of a split; recorded verbatim in moeify.json."""
+
+    experts: int = 8
+    top_k: int = 2
+    shared: int = 0
+    method: str = DEFAULT_METHOD
+    target: str | None = None
+    pad_to: int = 1
+    dense_layers: list[int] = field(default_factory=list)
+    router_logit_std: float = 1e-5
+    calibration: str | None = None
+    calibration_tokens: int = 65536
+    dtype: str = "auto"
+    seed: int = 0
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+
+
+@dataclass
+class SplitPlan:
+    """The output on paper: checked completely before any weight is read."""
+
+    source: Source
+    config: dict[str, Any]
+    target: TargetArch
+    target_plan: TargetPlan
+    target_config: dict[str, Any]
+    specs: list[TensorSpec]
+    intermediate: int
+    layers: int
+    dtype: torch.dtype
+    dropped_config_keys: list[str]
+
+    @property
+    def padding(self) -> int:
+        p = self.target_plan
+        return (p.experts + p.shared) * p.expert_size - self.intermediate
+
+    @property
+    def activation_ratio(self) -> float:
+        """Active FFN neurons per token / dense FFN neurons (dense layers count in full)."""
+        p = self.target_plan
+        moe_layers = self.layers - len(p.dense_layers)
+        active = moe_layers * (p.top_k + p.shared) * p.expert_size + len(p.dense_layers) * self.intermediate
+        return active / (self.layers * self.intermediate)
+
+
+def validate_options(options: SplitOptions, intermediate: int, layers: int) -> None:
+    o = options
+    if o.experts < 1:
+        raise UsageError(f"--experts must be at least 1 (got {o.experts})", "e.g. --experts 8")
+    if not 1 <= o.top_k <= o.experts:
+        raise UsageError(f"--top-k must be between 1 and --experts ({o.experts}), got {o.top_k}",
+                         f"e.g. --top-k {min(2, o.experts)}")
+    if o.shared < 0:
+        raise UsageError(f"--shared must be 0 or more (got {o.shared})", "e.g. --shared 1")
+    if o.experts + o.shared > intermediate:
+        raise UsageError(f"{o.experts} experts + {o.shared} shared need more neurons than the FFN has "
+                         f"({intermediate})", "use fewer experts")
+    if o.pad_to < 1:
+        raise UsageError(f"--pad-to must be at least 1 (got {o.pad_to})", "e.g. --pad-to 128 for block FP8")
+    if not 0 < o.router_logit_std <= 1:
+        raise UsageError(f"router_logit_std must be in (0, 1], got {o.router_logit_std}", "the default is 1e-5")
+    if o.dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {o.dtype!r}", f"choose one of: {', '.join(DTYPES)}")
+    bad = [i for i in o.dense_layers if not 0 <= i < layers]
+    if bad:
+        raise UsageError(f"--dense-layers {bad} are outside 0..{layers - 1}", "give layer indices of this model")
+    if o.calibration_tokens < 1:
+        raise UsageError("--calibration-tokens must be positive", "e.g. --calibration-tokens 65536")
+
+
+def expert_size_for(intermediate: int, experts: int, shared: int, pad_to: int) -> int:
+    size = math.ceil(intermediate / (experts + shared))
+    return math.ceil(size / pad_to) * pad_to
+
+
+def plan_split(model: str | Path, options: SplitOptions, reporter: Reporter = SILENT, revision: str | None = None,
+               token: str | None = None, source: Source | None = None) -> SplitPlan:
+    """Resolve and validate everything; fail here, in seconds, rather than after the long work."""
+    source = source or resolve_source(model, revision=revision, token=token, reporter=reporter)
+    config = load_json(source.folder / "config.json", "config.json")
+    family = source_family(config)
+    reader = CheckpointReader(source.folder)
+    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    validate_options(options, inter, layers)
+    target = target_arch(family.choose_target(options.shared, options.target))
+    size = expert_size_for(inter, options.experts, options.shared, options.pad_to)
+    tplan = TargetPlan(options.experts, options.top_k, options.shared, size, sorted(set(options.dense_layers)))
+    target.check(config, tplan, family)
+
+    _check_tensors(reader, family, config)
+    dtype = DTYPES[options.dtype] or reader.info(family.ffn_names(0).gate).dtype
+    if not dtype.is_floating_point or dtype.itemsize < 2:
+        raise InputError(f"FFN weights are stored as {dtype}", "split an unquantized (16/32-bit) checkpoint")
+    specs = _plan_tensors(reader, family, target, tplan, config, dtype)
+    target_config = target.build_config(config, tplan)
+    target_config["dtype"] = str(dtype).removeprefix("torch.")
+    target_config.pop("torch_dtype", None)
+    dropped = sorted(k for k in config if k not in CARRIED_KEYS and k not in IGNORED_KEYS and k not in target_config)
+    return SplitPlan(source, config, target, tplan, target_config, specs, inter, layers, dtype, dropped)
+
+
+def _check_tensors(reader: CheckpointReader, family, config: dict[str, Any]) -> None:
+    """The tensors must agree with the config: every layer's FFN present with the right shape, no extra layers."""
+    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    for i in range(layers):
+        names = family.ffn_names(i)
+        for name, shape in ((names.gate, (inter, hidden)), (names.up, (inter, hidden)), (names.down, (hidden, inter))):
+            info = reader.info(name) if name in reader else None
+            if info is None:
+                raise InputError(f"{reader.folder}: tensor {name} is missing",
+                                 "config.json num_hidden_layers does not match the weights, or the checkpoint is "
+                                 "incomplete")
+            if info.shape != shape:
+                raise InputError(f"{reader.folder}: {name} has shape {list(info.shape)}, config.json implies "
+                                 f"{list(shape)}", "hidden_size/intermediate_size in config.json contradict the "
+                                 "weights")
+    extra = sorted({int(m.group(1)) for n in reader.names() if (m := _LAYER.match(n))} - set(range(layers)))
+    if extra:
+        raise InputError(f"{reader.folder}: weights exist for layer {extra[0]} but config.json says "
+                         f"num_hidden_layers = {layers}", "the config does not match the weights")
+    embed = "model.embed_tokens.weight"
+    if embed in reader and reader.info(embed).shape[1:] != (hidden,):
+        raise InputError(f"{reader.folder}: {embed} has shape {list(reader.info(embed).shape)}, config.json says "
+                         f"hidden_size = {hidden}", "the config does not match the weights")
+
+
+def _plan_tensors(reader: CheckpointReader, family, target: TargetArch, plan: TargetPlan, config: dict[str, Any],
+                  dtype: torch.dtype) -> list[TensorSpec]:
+    """All output tensors in writing order: globals first, then each layer, then the rest."""
+    hidden = config["hidden_size"]
+    by_layer: dict[int, list[str]] = {}
+    head, tail = [], []
+    ffn = {n for i in range(config["num_hidden_layers"]) for n in vars(family.ffn_names(i)).values()}
+    for name in reader.names():
+        if name in ffn:
+            continue
+        m = _LAYER.match(name)
+        if m:
+            by_layer.setdefault(int(m.group(1)), []).append(name)
+        elif name.startswith("model.embed_tokens"):
+            head.append(name)
+        else:
+            tail.append(name)
+    specs = [_carried(reader, target, n) for n in head]
+    m, e = plan.expert_size, plan.experts
+    for i in range(config["num_hidden_layers"]):
+        specs += [_carried(reader, target, n) for n in sorted(by_layer.get(i, []))]
+        specs += [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in target.extra_tensors(config, i, dtype).items()]
+        if i in plan.dense_layers:
+            names = target.dense_names(i)
+            specs += _ffn_specs(names, config["intermediate_size"], hidden, dtype)
+            continue
+        specs.append(TensorSpec(target.router_name(i), torch.float32, (e, hidden)))
+        for j in range(e):
+            specs += _ffn_specs(target.expert_names(i, j), m, hidden, dtype)
+        shared = target.shared_names(i)
+        if shared is not None:
+            specs += _ffn_specs(shared, plan.shared * m, hidden, dtype)
+            specs.append(TensorSpec(target.shared_gate_name(i), torch.float32, (1, hidden)))
+    specs += [_carried(reader, target, n) for n in tail]
+    return specs
+
+
+def _carried(reader: CheckpointReader, target: TargetArch, name: str) -> TensorSpec:
+    info = reader.info(name)
+    return TensorSpec(target.rename(name), info.dtype, info.shape)
+
+
+def _ffn_specs(names, size: int, hidden: int, dtype: torch.dtype) -> list[TensorSpec]:
+    return [TensorSpec(names.gate, dtype, (size, hidden)), TensorSpec(names.up, dtype, (size, hidden)),
+            TensorSpec(names.down, dtype, (hidden, size))]
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        bad = "NaN" if torch.isnan(tensor).any() else "inf"
+        raise InputError(f"tensor {name} contains {bad} values", "the checkpoint is corrupt; re-download it")
+
+
+def split_model(model: str | Path, output: str | Path, options: SplitOptions | None = None, *,
+                overwrite: bool = False, reporter: Reporter = SILENT, revision: str | None = None,
+                token: str | None = None) -> dict[str, Any]:
+    """Convert `model` into an MoE checkpoint at `output`; returns the summary recorded in moeify.json."""
+    options = options or SplitOptions()
+    started = time.perf_counter()
+    plan = plan_split(model, options, reporter, revision, token)
+    output = Path(output)
+    check_output_path(output, [plan.source.folder], overwrite)
+    method = make_method(options.method)
+    reader = CheckpointReader(plan.source.folder)
+    family = source_family(plan.config)
+    tplan = plan.target_plan
+    if plan.padding:
+        reporter.note(f"experts padded with {plan.padding} zero neurons per layer (expert size {tplan.expert_size}"
+                      f"{f', a multiple of {options.pad_to}' if options.pad_to > 1 else ''}); outputs are unchanged")
+    if plan.dropped_config_keys:
+        reporter.note(f"config keys not carried to {plan.target.architecture}: {', '.join(plan.dropped_config_keys)}")
+    ctx = SplitContext(plan.source.folder, reader, plan.config, family, plan.target, tplan.experts, tplan.top_k,
+                       tplan.shared, tplan.expert_size, options.seed, reporter, options.calibration,
+                       options.calibration_tokens, tuple(tplan.dense_layers))
+    planned = time.perf_counter()
+    with atomic_output(output, overwrite, on_stale=lambda p: reporter.note(f"removed {p.name}, left by a killed run")) \
+            as tmp:
+        method.prepare(ctx)
+        layer_info = _stream(plan, reader, family, method, tmp, options, reporter)
+        written = time.perf_counter()
+        (tmp / "config.json").write_text(json.dumps(plan.target_config, indent=2) + "\n")
+        side = copy_side_files(plan.source.folder, tmp)
+        summary = {
+            "source": {**plan.source.describe(), "model_type": plan.config.get("model_type"),
+                       "config_hash": config_hash(plan.config)},
+            "target": plan.target.name,
+            "architecture": plan.target.architecture,
+            "options": {**asdict(options), "expert_size": tplan.expert_size},
+            "expert_size": tplan.expert_size,
+            "padding_neurons_per_layer": plan.padding,
+            "activation_ratio": round(plan.activation_ratio, 6),
+            "dense_layers": tplan.dense_layers,
+            "layers": layer_info,
+            "method_info": method.finish(),
+            "copied_files": side,
+            "dropped_config_keys": plan.dropped_config_keys,
+            "output_bytes": sum(s.nbytes for s in plan.specs),
+            "notes": getattr(reporter, "notes", []),
+            "timings_s": {"plan": round(planned - started, 3), "split_and_write": round(written - planned, 3),
+                          "total": round(time.perf_counter() - started, 3)},
+        }
+        write_metadata(tmp, "split", summary, moeify_version=__version__)
+    return {"output": str(output), **summary}
+
+
+def _stream(plan: SplitPlan, reader: CheckpointReader, family, method, folder: Path, options: SplitOptions,
+            reporter: Reporter) -> list[dict[str, Any]]:
+    target, tplan = plan.target, plan.target_plan
+    spec_names = {s.name for s in plan.specs}
+    layer_info = []
+    carried_by_layer: dict[int, list[str]] = {}
+    for name in reader.names():
+        m = _LAYER.match(name)
+        if m and target.rename(name) in spec_names:
+            carried_by_layer.setdefault(int(m.group(1)), []).append(name)
+    globals_ = [n for n in reader.names() if not _LAYER.match(n)]
+    with ShardedWriter(folder, plan.specs, options.max_shard_bytes, metadata={"moeify_version": __version__}) as w:
+        for name in globals_:
+            tensor = reader.get(name)
+            check_finite(name, tensor)
+            w.write(target.rename(name), tensor)
+        for i in reporter.track(range(plan.layers), "Splitting layers", total=plan.layers):
+            for name in carried_by_layer.get(i, []):
+                tensor = reader.get(name)
+                check_finite(name, tensor)
+                w.write(target.rename(name), tensor)
+            for name, tensor in target.extra_tensors(plan.config, i, plan.dtype).items():
+                w.write(name, tensor)
+            names = family.ffn_names(i)
+            ffn = FFNWeights(*(reader.get(n, torch.float32) for n in (names.gate, names.up, names.down)))
+            for n, t in zip((names.gate, names.up, names.down), (ffn.gate, ffn.up, ffn.down), strict=True):
+                check_finite(n, t)
+            if i in tplan.dense_layers:
+                dense_names = target.dense_names(i)
+                for n, t in zip((dense_names.gate, dense_names.up, dense_names.down), (ffn.gate, ffn.up, ffn.down),
+                                strict=True):
+                    w.write(n, t.to(plan.dtype))
+                layer_info.append({"layer": i, "dense": True})
+                continue
+            moe = method.build(i, ffn)
+            _write_moe_layer(w, target, tplan, i, moe, plan.dtype, options.router_logit_std)
+            layer_info.append({"layer": i, "expert_sizes": [e.size for e in moe.experts],
+                               "shared_size": moe.shared.size if moe.shared is not None else 0, **moe.info})
+    return layer_info
+
+
+def _write_moe_layer(w: ShardedWriter, target: TargetArch, tplan: TargetPlan, layer: int, moe: MoELayer,
+                     dtype: torch.dtype, router_logit_std: float) -> None:
+    """Apply the target's output scaling so near-uniform routing weights make each selected expert count 1."""
+    w.write(target.router_name(layer), (moe.router * router_logit_std).float().contiguous())
+    scale = target.routed_scale(tplan)
+    for j, expert in enumerate(moe.experts):
+        names = target.expert_names(layer, j)
+        w.write(names.gate, expert.gate.to(dtype))
+        w.write(names.up, expert.up.to(dtype))
+        w.write(names.down, (expert.down * scale).to(dtype))
+    shared_names = target.shared_names(layer)
+    if shared_names is not None:
+        hidden = moe.router.shape[1]
+        block = moe.shared or FFNWeights(torch.zeros(0, hidden), torch.zeros(0, hidden), torch.zeros(hidden, 0))
+        w.write(shared_names.gate, block.gate.to(dtype))
+        w.write(shared_names.up, block.up.to(dtype))
+        w.write(shared_names.down, (block.down / target.shared_gate_value).to(dtype))
+        w.write(target.shared_gate_name(layer), torch.zeros(1, hidden, dtype=torch.float32))
