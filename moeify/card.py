@@ -1,0 +1,291 @@
+"""The model card pushed with a checkpoint: Hub metadata plus how the model was made and how to run it.
+
+Everything comes from the folder itself (config.json and moeify.json), so a card can be rebuilt at any
+time and says exactly what the files hold. The metadata goes through huggingface_hub's `ModelCardData`,
+which writes the YAML the Hub validates. moeify.json is read tolerantly: stages it lacks, or keys an older
+or newer moeify wrote differently, leave their section out rather than failing the push.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from moeify.io.reader import load_json
+from moeify.metadata import read_metadata
+
+# Licences we can vouch for by base-model id, for sources whose files do not state one.
+KNOWN_LICENSES = (
+    (re.compile(r"^HuggingFaceTB/SmolLM2-"), "apache-2.0"),
+    (re.compile(r"^Qwen/Qwen3-"), "apache-2.0"),
+    (re.compile(r"^mistralai/Mistral-7B-"), "apache-2.0"),
+    (re.compile(r"^meta-llama/Llama-3\.1-"), "llama3.1"),
+    (re.compile(r"^meta-llama/Llama-3\.2-"), "llama3.2"),
+    (re.compile(r"^meta-llama/Llama-3\.3-"), "llama3.3"),
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Bookkeeping keys of a stage record that say nothing about the model itself.
+_BOOKKEEPING = {"moeify_version", "complete", "hardware", "timings", "seconds", "started", "finished",
+                "notes", "layers", "per_layer", "losses", "source", "options", "command", "recipe"}
+
+
+def build_card(folder: str | Path, repo_id: str) -> str:
+    """The README.md text (YAML front matter + Markdown) for the checkpoint in `folder`."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = Path(folder)
+    config = load_json(folder / "config.json", "config.json")
+    meta = read_metadata(folder)
+    stages: dict[str, Any] = {k: v for k, v in meta.get("stages", {}).items() if isinstance(v, dict)}
+    split = stages.get("split", {})
+    source = split.get("source") if isinstance(split.get("source"), dict) else {}
+    base_model = _base_model(source)
+    fp8 = "quantize" in stages or _is_fp8(config)
+    tags = ["moe", "moeify", "mixture-of-experts"]
+    if fp8:
+        tags.append("fp8")
+    if isinstance(config.get("model_type"), str):
+        tags.append(config["model_type"])
+    relation = None
+    if base_model:
+        relation = "finetune" if "split" in stages or "finetune" in stages else "quantized"
+    data = ModelCardData(
+        base_model=base_model,
+        base_model_relation=relation,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=_license(meta, split, source, base_model),
+        tags=tags,
+    )
+    body = _body(repo_id, config, meta, stages, source, base_model, fp8, data.license)
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    return str(card).rstrip("\n") + "\n"
+
+
+def _base_model(source: dict[str, Any]) -> str | None:
+    ident = source.get("id")
+    if source.get("kind") == "hub" and isinstance(ident, str) and _HUB_ID.match(ident):
+        return ident
+    return None
+
+
+def _is_fp8(config: dict[str, Any]) -> bool:
+    q = config.get("quantization_config")
+    return isinstance(q, dict) and ("fp8" in json.dumps(q).lower() or "float-quantized" in json.dumps(q))
+
+
+def _license(meta: dict, split: dict, source: dict, base_model: str | None) -> str | None:
+    """The source's licence where it is known for sure; None otherwise (the card then says so)."""
+    for record in (source, split, meta):
+        value = record.get("license")
+        if isinstance(value, str) and value:
+            return value
+    ident = source.get("id")
+    if isinstance(ident, str) and source.get("kind") in ("local", "gguf"):
+        path = Path(ident)
+        found = _license_from_gguf(path) if source.get("kind") == "gguf" else _license_from_readme(path)
+        if found:
+            return found
+    if base_model:
+        for pattern, value in KNOWN_LICENSES:
+            if pattern.match(base_model):
+                return value
+    return None
+
+
+def _license_from_readme(folder: Path) -> str | None:
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        from huggingface_hub import ModelCard
+
+        value = ModelCard.load(readme, ignore_metadata_errors=True).data.license
+    except Exception:  # noqa: BLE001 - a broken source README just means "licence unknown"
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _license_from_gguf(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(path).fields.get("general.license")
+        value = field.contents() if field is not None else None
+    except Exception:  # noqa: BLE001 - an unreadable GGUF header just means "licence unknown"
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+# --- Markdown body --------------------------------------------------------------------------------
+
+
+def _body(repo_id: str, config: dict, meta: dict, stages: dict, source: dict, base_model: str | None,
+          fp8: bool, license_id: str | None) -> str:
+    name = repo_id.split("/")[-1]
+    arch = (config.get("architectures") or ["?"])[0]
+    split = stages.get("split", {})
+    options = split.get("options") if isinstance(split.get("options"), dict) else {}
+    lines = [f"# {name}", ""]
+    origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else _source_text(source)
+    experts = _first(options.get("experts"), config.get("num_local_experts"), config.get("num_experts"))
+    top_k = _first(options.get("top_k"), config.get("num_experts_per_tok"))
+    what = f"a Mixture-of-Experts `{arch}`"
+    if experts and top_k:
+        what += f" with {experts} experts, {top_k} active per token"
+    lines.append(f"This is {what}, converted from {origin} with moeify"
+                 + (" and quantized to FP8." if fp8 else "."))
+    lines.append("It is a stock transformers architecture: no `trust_remote_code` is needed.")
+    lines.append("")
+    rows = _conversion_rows(config, stages, options)
+    if rows:
+        lines += ["## Conversion", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {_cell(v)} |" for k, v in rows]
+        lines.append("")
+    evaluation = _eval_table(stages.get("eval"))
+    if evaluation:
+        lines += ["## Evaluation", "", *evaluation, ""]
+    lines += _usage(repo_id, fp8)
+    recipe = meta.get("recipe") or split.get("recipe")
+    if recipe:
+        lines += ["## Recipe", "", "The resolved recipe this model was made with:", "", "```json",
+                  json.dumps(recipe, indent=2, default=str), "```", ""]
+    lines += ["## License", ""]
+    if license_id:
+        lines.append(f"`{license_id}`, inherited from the base model; its terms apply to this derivative.")
+    else:
+        lines.append("The base model's license applies to this derivative; moeify could not determine it, "
+                     "so check the base model's terms before use.")
+    lines.append("")
+    version = meta.get("moeify_version")
+    lines.append(f"*Made with moeify {version}.*" if version else "*Made with moeify.*")
+    return "\n".join(lines) + "\n"
+
+
+def _source_text(source: dict) -> str:
+    kind, ident = source.get("kind"), source.get("id")
+    if kind == "gguf" and isinstance(ident, str):
+        return f"the GGUF file `{Path(ident).name}`"
+    if kind == "local":
+        return "a local checkpoint"
+    return "a dense checkpoint"
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v not in (None, "", [])), None)
+
+
+def _conversion_rows(config: dict, stages: dict, options: dict) -> list[tuple[str, Any]]:
+    split, quant, tune = stages.get("split", {}), stages.get("quantize", {}), stages.get("finetune", {})
+    source = split.get("source") if isinstance(split.get("source"), dict) else {}
+    rows: list[tuple[str, Any]] = []
+
+    def add(label: str, *values: Any) -> None:
+        value = _first(*values)
+        if value is not None:
+            rows.append((label, value))
+
+    ident = source.get("id") if isinstance(source.get("id"), str) else None
+    add("Source", ident if source.get("kind") == "hub" else None,
+        Path(ident).name if ident and source.get("kind") == "gguf" else None)
+    add("Source revision", source.get("revision"))
+    add("Architecture", split.get("target"), (config.get("architectures") or [None])[0])
+    add("Experts", options.get("experts"), config.get("num_local_experts"), config.get("num_experts"))
+    add("Active experts per token (top-k)", options.get("top_k"), config.get("num_experts_per_tok"))
+    add("Shared experts", options.get("shared"))
+    add("Expert size", split.get("expert_size"), config.get("moe_intermediate_size"))
+    add("Activation ratio (active / total FFN parameters)", split.get("activation_ratio"))
+    add("Split method", options.get("method"))
+    add("Router", options.get("router"))
+    if tune:
+        add("Fine-tuning tokens", tune.get("tokens"), tune.get("train_tokens"))
+        add("Fine-tuning steps", tune.get("steps"), tune.get("max_steps"))
+        add("Fine-tuning data", _name(tune.get("data")))
+        add("Fine-tuning stage", tune.get("stage"))
+    qconf = config.get("quantization_config") if isinstance(config.get("quantization_config"), dict) else {}
+    if quant or qconf:
+        add("FP8 scheme", quant.get("scheme"), qconf.get("quant_method"))
+        add("FP8 format", quant.get("fmt"), qconf.get("fmt"), qconf.get("format"))
+        add("FP8 block size", quant.get("block_size"), qconf.get("weight_block_size"))
+        add("Activations", qconf.get("activation_scheme"), quant.get("activation_scheme"))
+        add("Left unquantized", quant.get("unquantized"), quant.get("ignore"),
+            qconf.get("modules_to_not_convert"), qconf.get("ignore"))
+    return rows
+
+
+def _name(value: Any) -> Any:
+    if isinstance(value, str) and ("/" in value or "\\" in value) and Path(value).name:
+        return Path(value).name if Path(value).exists() else value
+    return value
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, list | tuple):
+        items = [str(v) for v in value]
+        text = ", ".join(items[:8]) + (f", … ({len(items)} in all)" if len(items) > 8 else "")
+    elif isinstance(value, dict):
+        text = json.dumps(value, default=str)
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _eval_table(record: Any) -> list[str]:
+    """A Markdown table from the eval stage: a list of per-text results, or the record's own numbers."""
+    if not isinstance(record, dict):
+        return []
+    results = next((record[k] for k in ("results", "texts", "evaluations")
+                    if isinstance(record.get(k), list) and record[k]), None)
+    if results and all(isinstance(r, dict) for r in results):
+        flat = [_flatten(r) for r in results]
+        columns: list[str] = []
+        for row in flat:
+            columns += [c for c in row if c not in columns]
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in flat]
+        return lines
+    flat = {k: v for k, v in _flatten(record).items() if k.split(".")[0] not in _BOOKKEEPING}
+    if not flat:
+        return []
+    return ["| metric | value |", "|---|---|", *[f"| {k} | {_cell(v)} |" for k, v in flat.items()]]
+
+
+def _flatten(record: dict, prefix: str = "") -> dict[str, Any]:
+    """Scalar values of a record, nested dicts one level deep as `a.b`; lists (curves, tables) left out."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, dict) and not prefix:
+            out.update(_flatten(value, f"{key}."))
+        elif isinstance(value, str | int | float | bool) and value is not None:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _usage(repo_id: str, fp8: bool) -> list[str]:
+    lines = [
+        "## Usage", "", "With transformers:", "", "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f'model_id = "{repo_id}"',
+        "tokenizer = AutoTokenizer.from_pretrained(model_id)",
+        'model = AutoModelForCausalLM.from_pretrained(model_id, dtype="auto", device_map="auto")',
+        'inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)',
+        "output = model.generate(**inputs, max_new_tokens=32)",
+        "print(tokenizer.decode(output[0], skip_special_tokens=True))", "```", "",
+    ]
+    if fp8:
+        lines += ["transformers runs the FP8 weights natively on GPUs that support FP8 and dequantizes them "
+                  "elsewhere (with a warning).", ""]
+    lines += [
+        "With vLLM:", "", "```bash", f"vllm serve {repo_id}", "```", "", "```python",
+        "from vllm import LLM, SamplingParams", "",
+        f'llm = LLM(model="{repo_id}")',
+        'print(llm.generate(["The capital of France is"], SamplingParams(max_tokens=32))[0].outputs[0].text)',
+        "```", "",
+    ]
+    return lines
