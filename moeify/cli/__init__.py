@@ -15,6 +15,7 @@ app = typer.Typer(
 # Each module registers its command(s) on `app` when imported.
 from moeify.cli import inspect_cmd, split_cmd  # noqa: E402,F401
 from moeify.cli import quantize_cmd  # noqa: E402,F401
+from moeify.cli import push_cmd  # noqa: E402,F401
 
 
 def main() -> None:
