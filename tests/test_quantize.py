@@ -1,0 +1,455 @@
+"""FP8 quantization: formats that stock transformers loads, e4m3 error bounds, untouched exclusions, errors.
+
+Tiny random models are built here from configs, some with every quantized dimension a multiple of 128
+(auto picks block scales) and some without (auto picks per-channel scales). The reference for logits is
+a bf16 model whose weights are dequantized by this file's own code from the written FP8 files, so a
+wrong scale layout, name or orientation shows up as a logits mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import (
+    AutoModelForCausalLM,
+    CompressedTensorsConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+from moeify.errors import InputError, UnsupportedModelError, UsageError
+from moeify.quant import dequantize_checkpoint, quantize_fp8
+from moeify.quant.fp8 import FP8_MAX, dequantize, quantize
+from moeify.quant.plan import ROUTER_PATTERN, classify
+from tests.tiny_models import _randomize
+
+torch.set_num_threads(2)
+
+LAYERS = dict(num_hidden_layers=2, vocab_size=256, max_position_embeddings=128)
+BUILDERS = {
+    # every quantized dimension a multiple of 128 -> auto = block
+    "llama128": lambda: LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=256,
+            intermediate_size=384,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            **LAYERS,
+        )
+    ),
+    "mixtral128": lambda: MixtralForCausalLM(
+        MixtralConfig(
+            hidden_size=256,
+            intermediate_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            **LAYERS,
+        )
+    ),
+    "qwen2moe128": lambda: Qwen2MoeForCausalLM(
+        Qwen2MoeConfig(
+            hidden_size=256,
+            intermediate_size=256,
+            moe_intermediate_size=128,
+            shared_expert_intermediate_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **LAYERS,
+        )
+    ),
+    "qwen3moe128": lambda: Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            hidden_size=128,
+            intermediate_size=256,
+            moe_intermediate_size=128,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **LAYERS,
+        )
+    ),
+    # dimensions that are not multiples of 128 -> auto = channel
+    "llama_odd": lambda: LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            **LAYERS,
+        )
+    ),
+    "qwen2moe_odd": lambda: Qwen2MoeForCausalLM(
+        Qwen2MoeConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=96,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **LAYERS,
+        )
+    ),
+    "qwen3moe_odd": lambda: Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=96,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **LAYERS,
+        )
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("quant_models")
+    out = {}
+    for i, (name, build) in enumerate(BUILDERS.items()):
+        torch.manual_seed(i)
+        model = _randomize(build(), seed=i)
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    result = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            result.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118 - safe_open has no iter
+    return result
+
+
+def reference_dequantize(q: torch.Tensor, scale: torch.Tensor, block: bool) -> torch.Tensor:
+    """Independent of moeify.quant: loops over 128x128 tiles in float64."""
+    w = q.to(torch.float64)
+    if not block:
+        return w * scale.to(torch.float64).reshape(-1, 1) if scale.numel() > 1 else w * scale.double().item()
+    out = torch.empty_like(w)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            out[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128] = w[
+                i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128
+            ] * float(scale[i, j])
+    return out
+
+
+def bf16_reference(quantized: Path, target: Path) -> Path:
+    """A plain bf16 checkpoint built from the FP8 files with the reference dequantization above."""
+    target.mkdir()
+    state = {}
+    stored = tensors(quantized)
+    for name, t in stored.items():
+        if name.endswith(("weight_scale", "weight_scale_inv")):
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            inv = name + "_scale_inv"
+            scale, block = (stored[inv], True) if inv in stored else (stored[name + "_scale"], False)
+            t = reference_dequantize(t, scale, block).to(torch.bfloat16)
+        state[name] = t.contiguous()
+    save_file(state, target / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((quantized / "config.json").read_text())
+    config.pop("quantization_config")
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def load_quantized(folder: Path, scheme: str):
+    kwargs = {} if scheme == "block" else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, **kwargs).eval()
+
+
+def logits(model, seed: int = 0) -> torch.Tensor:
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+# --- what gets quantized ---------------------------------------------------------------------------------
+
+
+def test_routers_and_gates_are_never_quantized_but_gate_proj_is():
+    kept = [
+        "model.layers.0.mlp.gate.weight",
+        "model.layers.3.block_sparse_moe.gate.weight",
+        "model.layers.0.mlp.shared_expert_gate.weight",
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.self_attn.q_proj.bias",
+        "model.layers.0.self_attn.q_norm.weight",
+    ]
+    for name in kept:
+        assert classify(name) is None, name
+    assert classify("model.layers.0.mlp.gate_proj.weight") == "mlp"
+    assert classify("model.layers.0.mlp.experts.7.gate_proj.weight") == "expert"
+    assert classify("model.layers.0.block_sparse_moe.experts.7.w1.weight") == "expert"
+    assert classify("model.layers.0.mlp.shared_expert.gate_proj.weight") == "shared_expert"
+    assert classify("model.layers.0.self_attn.o_proj.weight") == "attention"
+    assert classify("model.layers.0.self_attn.o_proj.weight", experts_only=True) is None
+    assert ROUTER_PATTERN.match("model.layers.0.mlp.gate") and not ROUTER_PATTERN.match(
+        "model.layers.0.mlp.gate_proj"
+    )
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("llama128", "block"),
+        ("mixtral128", "block"),
+        ("qwen2moe128", "block"),
+        ("qwen3moe128", "block"),
+        ("llama_odd", "channel"),
+        ("qwen2moe_odd", "channel"),
+        ("qwen3moe_odd", "channel"),
+    ],
+)
+def test_auto_scheme_follows_multiples_of_128(models, tmp_path, name, expected):
+    result = quantize_fp8(models[name], tmp_path / "out", verify=False)
+    assert result.plan.scheme == expected
+    if expected == "channel":
+        assert "not multiples of 128" in result.plan.scheme_reason
+
+
+# --- loads in stock transformers, logits match a bf16 model of the dequantized weights --------------------
+
+
+@pytest.mark.parametrize(
+    "name,scheme",
+    [
+        ("llama128", "block"),
+        ("mixtral128", "block"),
+        ("qwen2moe128", "block"),
+        ("qwen3moe128", "block"),
+        ("mixtral128", "channel"),
+        ("qwen2moe_odd", "channel"),
+        ("qwen3moe_odd", "channel"),
+        ("llama_odd", "tensor"),
+    ],
+)
+def test_output_loads_in_transformers_and_matches_dequantized_bf16(models, tmp_path, name, scheme):
+    out = tmp_path / "fp8"
+    quantize_fp8(models[name], out, scheme=scheme)
+    got = logits(load_quantized(out, scheme))
+    ref = logits(
+        AutoModelForCausalLM.from_pretrained(
+            bf16_reference(out, tmp_path / "ref"), dtype=torch.bfloat16
+        ).eval()
+    )
+    # same bf16 weights, same ops: equal up to bf16 reduction-order noise
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
+    dense = logits(AutoModelForCausalLM.from_pretrained(models[name], dtype=torch.float32).eval())
+    # random 2-layer nets amplify ~2.6% weight noise to ~10% logits drift; a lost scale gives >100%
+    rel = (got - dense).norm() / dense.norm()
+    assert rel < 0.25, f"FP8 logits drift {rel:.3f} from the source model"
+
+
+# --- numerics -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["block", "channel", "tensor"])
+@pytest.mark.parametrize("shape", [(256, 384), (200, 72), (1, 130)])
+def test_round_trip_error_within_e4m3_bound(scheme, shape):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(shape, generator=g) * torch.logspace(-4, 1, shape[1])  # wide dynamic range per row
+    w[0, :5] = 0.0
+    q, scale = quantize(w, scheme)
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+    dq = dequantize(q, scale, scheme).double()
+    full = (
+        reference_dequantize(torch.ones(shape), scale, scheme == "block")
+        if scheme == "block"
+        else (scale.double().reshape(-1, 1) if scale.numel() > 1 else scale.double())
+        * torch.ones(shape, dtype=torch.float64)
+    )
+    # e4m3: 3 mantissa bits -> half-ulp relative error 2^-4 for normals; subnormal spacing 2^-9 of the scale
+    bound = 2.0**-4 * w.double().abs() + 2.0**-10 * full + 1e-12
+    assert ((w.double() - dq).abs() <= bound).all()
+    # the largest magnitude of each group lands on 448 exactly, so no value saturates
+    assert q.float().abs().max().item() == FP8_MAX
+    assert dq[0, :5].abs().max().item() == 0.0
+
+
+def test_all_zero_block_gets_a_finite_scale():
+    w = torch.zeros(256, 256)
+    w[:128, :128] = torch.randn(128, 128)
+    q, scale = quantize(w, "block")
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    assert dequantize(q, scale, "block")[128:, 128:].abs().max() == 0
+
+
+# --- exclusions and metadata --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("experts_only", [False, True])
+def test_excluded_tensors_are_bit_identical(models, tmp_path, experts_only):
+    src = tensors(models["qwen2moe128"])
+    quantize_fp8(models["qwen2moe128"], tmp_path / "out", experts_only=experts_only)
+    out = tensors(tmp_path / "out")
+    kept = [n for n in src if out[n].dtype != torch.float8_e4m3fn]
+    for must in (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.layers.0.mlp.gate.weight",
+        "model.layers.0.mlp.shared_expert_gate.weight",
+        "model.layers.1.self_attn.q_proj.bias",
+        "model.layers.0.input_layernorm.weight",
+    ):
+        assert must in kept
+    attention = [n for n in src if ".self_attn." in n and n.endswith("proj.weight")]
+    assert all((n in kept) == experts_only for n in attention)
+    for name in kept:
+        assert out[name].dtype == src[name].dtype
+        assert torch.equal(out[name].view(torch.uint8), src[name].view(torch.uint8)), name
+    assert all(out[n].dtype == torch.float8_e4m3fn for n in src if ".experts." in n or ".shared_expert." in n)
+
+
+def test_metadata_config_and_header(models, tmp_path):
+    (models["mixtral128"] / "tokenizer_config.json").write_text("{}")
+    out = tmp_path / "out"
+    quantize_fp8(models["mixtral128"], out)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "fp8" and qc["fmt"] == "e4m3" and qc["activation_scheme"] == "dynamic"
+    assert qc["weight_block_size"] == [128, 128]
+    assert "lm_head" in qc["modules_to_not_convert"]
+    assert "model.layers.0.block_sparse_moe.gate" in qc["modules_to_not_convert"]
+    assert not any("proj" in m or ".w1" in m for m in qc["modules_to_not_convert"])
+    record = json.loads((out / "moeify.json").read_text())["stages"]["quantize"]
+    assert record["scheme"] == "block" and record["block_size"] == [128, 128]
+    assert "model.layers.1.block_sparse_moe.gate" in record["unquantized_modules"]
+    assert record["verify"]["worst_relative_error"]["expert"]["error"] < 0.05
+    assert (out / "tokenizer_config.json").is_file() and (out / "generation_config.json").is_file()
+    with safe_open(out / "model.safetensors", "pt") as h:
+        assert h.metadata()["format"] == "pt"
+        assert h.get_slice("model.layers.0.block_sparse_moe.experts.0.w1.weight_scale_inv").get_shape() == [
+            2,
+            2,
+        ]
+
+    channel = tmp_path / "channel"
+    quantize_fp8(models["qwen2moe_odd"], channel, experts_only=True)
+    qc = json.loads((channel / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "float-quantized"
+    group = qc["config_groups"]["group_0"]
+    assert group["weights"]["strategy"] == "channel" and group["input_activations"]["dynamic"] is True
+    assert (
+        "model.layers.0.self_attn.q_proj" in qc["ignore"]
+        and "model.layers.0.mlp.shared_expert_gate" in qc["ignore"]
+    )
+    with safe_open(channel / "model.safetensors", "pt") as h:
+        assert h.get_slice("model.layers.0.mlp.experts.1.up_proj.weight_scale").get_shape() == [48, 1]
+
+
+def test_sharded_output_and_dequantize_round_trip(models, tmp_path):
+    out = tmp_path / "fp8"
+    quantize_fp8(models["mixtral128"], out, max_shard_bytes=200_000)
+    assert (out / "model.safetensors.index.json").is_file()
+    back = tmp_path / "bf16"
+    result = dequantize_checkpoint(out, back)
+    assert result.dequantized == 32
+    assert "quantization_config" not in json.loads((back / "config.json").read_text())
+    stages = json.loads((back / "moeify.json").read_text())["stages"]
+    assert list(stages) == ["quantize", "dequantize"]
+    got, ref = tensors(back), tensors(bf16_reference(out, tmp_path / "ref"))
+    assert got.keys() == ref.keys()
+    for name in got:
+        assert torch.equal(got[name].float(), ref[name].float()), name
+    load = AutoModelForCausalLM.from_pretrained(back, dtype=torch.bfloat16)
+    torch.testing.assert_close(logits(load), logits(load_quantized(out, "block")), atol=2e-2, rtol=0)
+
+
+# --- errors -------------------------------------------------------------------------------------------------
+
+
+def test_nan_weight_is_an_error_naming_the_tensor(models, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    state = tensors(models["llama_odd"])
+    state["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    (bad / "config.json").write_text((models["llama_odd"] / "config.json").read_text())
+    with pytest.raises(InputError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*NaN"):
+        quantize_fp8(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    state["model.layers.1.mlp.up_proj.weight"][3, 4] = float("inf")
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match="inf"):
+        quantize_fp8(bad, tmp_path / "out")
+
+
+def test_refuses_quantized_and_fused_inputs(models, tmp_path):
+    fp8 = tmp_path / "fp8"
+    quantize_fp8(models["llama_odd"], fp8, verify=False)
+    with pytest.raises(InputError, match="already quantized"):
+        quantize_fp8(fp8, tmp_path / "again")
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    save_file(
+        {"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(4, 64, 32)}, fused / "model.safetensors"
+    )
+    (fused / "config.json").write_text("{}")
+    with pytest.raises(UnsupportedModelError, match="fused experts"):
+        quantize_fp8(fused, tmp_path / "out")
+    with pytest.raises(UsageError, match="unknown scheme"):
+        quantize_fp8(models["llama_odd"], tmp_path / "out", scheme="int4")
+    with pytest.raises(InputError, match="not quantized"):
+        dequantize_checkpoint(models["llama_odd"], tmp_path / "deq")
+
+
+def test_cli(models, tmp_path):
+    from typer.testing import CliRunner
+
+    from moeify.cli import app
+
+    runner = CliRunner()
+    src, out = str(models["qwen3moe_odd"]), str(tmp_path / "out")
+    result = runner.invoke(app, ["quantize", src, "-o", out])
+    assert result.exit_code == 2 and "--fp8" in result.output
+    result = runner.invoke(app, ["quantize", src, "--fp8", "--scheme", "int4", "-o", out])
+    assert result.exit_code == 2
+    result = runner.invoke(app, ["quantize", src, "--fp8", "-o", out, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["scheme"] == "channel" and data["verify"]["kept_identical"] > 0
+    assert data["quantized_by_kind"] == {"attention": 8, "expert": 24}
+    assert 0.5 < data["quantized_bytes_vs_bf16"] < 0.55  # fp8 values + one float32 scale per 64-wide row
+    result = runner.invoke(app, ["quantize", src, "--fp8", "-o", out, "--quiet"])
+    assert result.exit_code == 2 and "already exists" in result.output
+    result = runner.invoke(
+        app, ["quantize", src, "--fp8", "-o", out, "--overwrite", "--no-verify", "--quiet"]
+    )
+    assert result.exit_code == 0 and result.stdout == ""
+    result = runner.invoke(app, ["quantize", out, "--fp8", "-o", str(tmp_path / "twice")])
+    assert result.exit_code == 2 and "already quantized" in result.output
+    result = runner.invoke(app, ["dequantize", out, "-o", str(tmp_path / "deq"), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["scheme"] == "channel"
+    result = runner.invoke(app, ["dequantize", src, "-o", str(tmp_path / "deq2")])
+    assert result.exit_code == 2 and "not quantized" in result.output
