@@ -42,7 +42,7 @@ def build_card(folder: str | Path, repo_id: str) -> str:
     split = stages.get("split", {})
     source = split.get("source") if isinstance(split.get("source"), dict) else {}
     base_model = _base_model(source)
-    fp8 = "quantize" in stages or _is_fp8(config)
+    fp8 = _is_fp8(config)  # the config is the truth: a later `dequantize` stage undoes `quantize`
     tags = ["moe", "moeify", "mixture-of-experts"]
     if fp8:
         tags.append("fp8")
@@ -193,27 +193,31 @@ def _conversion_rows(config: dict, stages: dict, options: dict) -> list[tuple[st
     add("Source", ident if source.get("kind") == "hub" else None,
         Path(ident).name if ident and source.get("kind") == "gguf" else None)
     add("Source revision", source.get("revision"))
-    add("Architecture", split.get("target"), (config.get("architectures") or [None])[0])
+    add("Architecture", (config.get("architectures") or [None])[0], split.get("architecture"),
+        split.get("target"))
     add("Experts", options.get("experts"), config.get("num_local_experts"), config.get("num_experts"))
     add("Active experts per token (top-k)", options.get("top_k"), config.get("num_experts_per_tok"))
     add("Shared experts", options.get("shared"))
-    add("Expert size", split.get("expert_size"), config.get("moe_intermediate_size"))
+    add("Expert size (neurons)", split.get("expert_size"), config.get("moe_intermediate_size"))
+    if split.get("padding_neurons_per_layer"):
+        add("Zero padding (neurons per layer)", split.get("padding_neurons_per_layer"))
+    add("Layers kept dense", split.get("dense_layers") or options.get("dense_layers") or None)
     add("Activation ratio (active / total FFN parameters)", split.get("activation_ratio"))
     add("Split method", options.get("method"))
     add("Router", options.get("router"))
+    add("Calibration text", _name(options.get("calibration")))
     if tune:
         add("Fine-tuning tokens", tune.get("tokens"), tune.get("train_tokens"))
         add("Fine-tuning steps", tune.get("steps"), tune.get("max_steps"))
         add("Fine-tuning data", _name(tune.get("data")))
         add("Fine-tuning stage", tune.get("stage"))
     qconf = config.get("quantization_config") if isinstance(config.get("quantization_config"), dict) else {}
-    if quant or qconf:
+    if _is_fp8(config):
         add("FP8 scheme", quant.get("scheme"), qconf.get("quant_method"))
-        add("FP8 format", quant.get("fmt"), qconf.get("fmt"), qconf.get("format"))
+        add("FP8 format", quant.get("format"), qconf.get("fmt"), qconf.get("format"))
         add("FP8 block size", quant.get("block_size"), qconf.get("weight_block_size"))
         add("Activations", qconf.get("activation_scheme"), quant.get("activation_scheme"))
-        add("Left unquantized", quant.get("unquantized"), quant.get("ignore"),
-            qconf.get("modules_to_not_convert"), qconf.get("ignore"))
+        add("Kept in source precision", quant.get("kept_in_source_dtype"))
     return rows
 
 
