@@ -3,23 +3,28 @@
 Plain k-means gives clusters of any size; experts must be equal. We run scikit-learn's k-means for the
 centroids, then alternate a capacity-constrained greedy assignment (all neuron-centroid distances
 sorted once: O(n·k log(n·k)), seconds for a 14336-neuron, 64-expert layer, unlike an O(n³) Hungarian
-assignment on every neuron) with centroid updates. Features are reduced with a randomized PCA first so
+assignment on every neuron) with centroid updates. Features are randomly projected first so
 the cost does not grow with the hidden size.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def reduce_features(features: np.ndarray, dims: int = 128, seed: int = 0) -> np.ndarray:
-    """Project onto the top principal directions (randomized SVD) when features are wide."""
-    features = np.asarray(features, dtype=np.float32)
-    if features.shape[1] <= dims or features.shape[0] <= dims:
-        return features
-    from sklearn.decomposition import PCA
+    """Gaussian random projection to `dims` columns when features are wider (Johnson-Lindenstrauss).
 
-    return PCA(n_components=dims, svd_solver="randomized", random_state=seed).fit_transform(features)
+    Distances, which is all k-means looks at, survive up to a few percent; a randomized PCA gave the
+    same groups on SmolLM2 but took seconds per layer instead of milliseconds.
+    """
+    features = np.asarray(features, dtype=np.float32)
+    if features.shape[1] <= dims:
+        return features
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(features.shape[1], dims, generator=g) / dims**0.5
+    return (torch.from_numpy(features) @ proj).numpy()
 
 
 def balanced_assign(distances: np.ndarray, capacity: int) -> np.ndarray:
