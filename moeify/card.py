@@ -241,13 +241,13 @@ def _cell(value: Any) -> str:
 
 
 def _eval_table(record: Any) -> list[str]:
-    """A Markdown table from the eval stage: a list of per-text results, or the record's own numbers."""
+    """A Markdown table from the eval stage: per-text results (a list of records, or records by name), else
+    the record's own numbers as metric/value rows."""
     if not isinstance(record, dict):
         return []
-    results = next((record[k] for k in ("results", "texts", "evaluations")
-                    if isinstance(record.get(k), list) and record[k]), None)
-    if results and all(isinstance(r, dict) for r in results):
-        flat = [_flatten(r) for r in results]
+    rows = _result_rows(record)
+    if rows:
+        flat = [_flatten(r) for r in rows]
         columns: list[str] = []
         for row in flat:
             columns += [c for c in row if c not in columns]
@@ -258,6 +258,16 @@ def _eval_table(record: Any) -> list[str]:
     if not flat:
         return []
     return ["| metric | value |", "|---|---|", *[f"| {k} | {_cell(v)} |" for k, v in flat.items()]]
+
+
+def _result_rows(record: dict) -> list[dict] | None:
+    for key in ("results", "texts", "evaluations"):
+        value = record.get(key)
+        if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+            return value
+        if isinstance(value, dict) and value and all(isinstance(r, dict) for r in value.values()):
+            return [{"text": name, **r} for name, r in value.items()]
+    return None
 
 
 def _flatten(record: dict, prefix: str = "") -> dict[str, Any]:

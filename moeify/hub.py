@@ -80,7 +80,14 @@ class PushResult:
 
 
 def check_repo_id(repo_id: str) -> str:
-    if not _REPO_ID.match(repo_id) or ".." in repo_id or repo_id.endswith((".git", ".")):
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        valid = bool(_REPO_ID.match(repo_id))
+    except HFValidationError:
+        valid = False
+    if not valid:
         raise UsageError(f"{repo_id!r} is not a Hub repository id",
                          "use namespace/name, e.g. my-org/SmolLM2-135M-MoE-8x2-FP8")
     return repo_id
@@ -185,7 +192,7 @@ def resolve_token(token: str | None) -> str:
 
 def push(plan: PushPlan, token: str | None = None, *, revision: str | None = None, create_pr: bool = False,
          private: bool = False, commit_message: str | None = None, reporter: Reporter = SILENT,
-         progress: bool = False, retries: int = RETRIES, backoff: float = BACKOFF_SECONDS) -> PushResult:
+         progress: bool = False, retries: int = RETRIES, backoff: float | None = None) -> PushResult:
     """Create the repo if needed and commit the plan's files; transient failures are retried with backoff.
 
     `progress` shows huggingface_hub's upload bars on stderr (the CLI's human mode); otherwise it stays quiet.
@@ -198,6 +205,7 @@ def push(plan: PushPlan, token: str | None = None, *, revision: str | None = Non
     if constants.is_offline_mode():
         raise UsageError("HF_HUB_OFFLINE is set, so nothing can be pushed", "unset HF_HUB_OFFLINE to push")
     secret = resolve_token(token)
+    backoff = BACKOFF_SECONDS if backoff is None else backoff
     endpoint = resolve_endpoint()
     api = HfApi(endpoint=endpoint, token=secret)
     repo_id = plan.repo_id
