@@ -130,14 +130,15 @@ def validate_folder(folder: str | Path, reporter: Reporter = SILENT) -> tuple[li
         rel = path.relative_to(folder)
         name = rel.as_posix()
         parts = rel.parts
-        if any(p.startswith(TMP_PREFIX) for p in parts) or path.name.endswith(PARTIAL_SUFFIXES):
-            raise InputError(f"{folder}: holds the partial file {name}",
-                             "an unfinished or killed run left it; rerun that step or delete it")
+        partial = any(p.startswith(TMP_PREFIX) for p in parts)
         hidden = next((p for p in parts if p.startswith(".")), None)
-        if hidden is not None:
+        if hidden is not None and not partial:  # tool files (.git, .cache): their locks are not ours
             if hidden not in skipped:
                 skipped.append(hidden)
             continue
+        if partial or path.name.endswith(PARTIAL_SUFFIXES):
+            raise InputError(f"{folder}: holds the partial file {name}",
+                             "an unfinished or killed run left it; rerun that step or delete it")
         if path.is_dir():
             continue
         if not path.is_file():

@@ -260,11 +260,22 @@ def test_unknown_namespace_is_404(hub, checkpoint):
     assert "namespace" in str(err.value)
 
 
-def test_conflict_is_409_without_retry(hub, checkpoint):
-    hub.fail("POST", r"/commit/", 409, times=1)
-    with pytest.raises(HubError, match="409"):
+@pytest.mark.parametrize("status, message", [(409, "conflict on me/tiny-moe"),
+                                             (403, "may not write to me/tiny-moe")])
+def test_conflict_and_forbidden_are_not_retried(hub, checkpoint, status, message):
+    hub.fail("POST", r"/commit/", status, times=1)
+    with pytest.raises(HubError, match=f"{message}.*HTTP {status}"):
         _push(checkpoint)
     assert sum("/commit/" in r.path for r in hub.requests) == 1
+
+
+def test_token_from_the_saved_login(hub, checkpoint, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    saved = tmp_path / "token"
+    saved.write_text(TOKEN)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(saved))
+    assert _push(checkpoint, token=None).url == f"{hub.url}/me/tiny-moe"
 
 
 def test_server_error_is_retried_then_reported(hub, checkpoint):
@@ -372,6 +383,7 @@ def test_hidden_tool_folders_are_not_uploaded(checkpoint):
 
     (checkpoint / ".cache" / "huggingface").mkdir(parents=True)
     (checkpoint / ".cache" / "huggingface" / "x.metadata").write_text("x")
+    (checkpoint / ".cache" / "huggingface" / "config.json.lock").write_text("")  # hf download's own locks
     plan = plan_push(checkpoint, "me/x")
     assert not any(f.path.startswith(".") for f in plan.files) and plan.skipped == [".cache"]
 
