@@ -152,8 +152,8 @@ def _body(repo_id: str, config: dict, meta: dict, stages: dict, source: dict, ba
     lines += _usage(repo_id, fp8)
     recipe = meta.get("recipe") or split.get("recipe")
     if recipe:
-        lines += ["## Recipe", "", "The resolved recipe this model was made with:", "", "```json",
-                  json.dumps(recipe, indent=2, default=str), "```", ""]
+        lines += ["## Recipe", "", "The resolved recipe this model was made with:", "", "```yaml",
+                  _yaml(recipe).rstrip("\n"), "```", ""]
     lines += ["## License", ""]
     if license_id:
         lines.append(f"`{license_id}`, inherited from the base model; its terms apply to this derivative.")
@@ -164,6 +164,15 @@ def _body(repo_id: str, config: dict, meta: dict, stages: dict, source: dict, ba
     version = meta.get("moeify_version")
     lines.append(f"*Made with moeify {version}.*" if version else "*Made with moeify.*")
     return "\n".join(lines) + "\n"
+
+
+def _yaml(value: Any) -> str:
+    import yaml
+
+    try:
+        return yaml.safe_dump(json.loads(json.dumps(value, default=str)), sort_keys=False)
+    except yaml.YAMLError:  # pragma: no cover - JSON-shaped data always dumps
+        return json.dumps(value, indent=2, default=str)
 
 
 def _source_text(source: dict) -> str:

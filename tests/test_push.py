@@ -406,6 +406,7 @@ def test_card_covers_fp8_finetune_eval_and_unknown_license(tmp_path):
                                             "options": {"experts": 8, "top_k": 2, "shared": 1}})
     meta = write_metadata(folder, "finetune", {"tokens": 1_000_000, "steps": 120}, meta)
     meta = write_metadata(folder, "quantize", {"scheme": "block", "format": "fp8_e4m3"}, meta)
+    meta["recipe"] = {"split": {"experts": 8, "top_k": 2}, "quantize": {"scheme": "block"}}
     write_metadata(folder, "eval", {"results": [
         {"text": "sense_and_sensibility", "perplexity": 31.25, "baseline_perplexity": 24.5, "ratio": 1.2755},
         {"text": "wikipedia", "perplexity": 80.0}]}, meta)
@@ -419,6 +420,7 @@ def test_card_covers_fp8_finetune_eval_and_unknown_license(tmp_path):
     assert "## Evaluation" in card.text
     assert "| sense_and_sensibility | 31.25 | 24.5 | 1.276 |" in card.text
     assert "| wikipedia | 80 |  |  |" in card.text
+    assert "```yaml\nsplit:\n  experts: 8\n  top_k: 2\nquantize:\n  scheme: block\n```" in card.text
 
 
 def test_card_for_a_plain_checkpoint_without_moeify_json(tmp_path):
