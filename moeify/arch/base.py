@@ -77,8 +77,12 @@ class SourceFamily:
         """Refuse configs whose FFN is not plain SwiGLU without bias (the split would be wrong)."""
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
             require_int(config, key, maximum=1 << 20 if key != "num_hidden_layers" else 10_000)
+        for key in ("rope_parameters", "rope_scaling"):
+            if config.get(key) is not None and not isinstance(config[key], dict):
+                raise InputError(f"config.json: {key} must be an object, not {type(config[key]).__name__}",
+                                 "the config is corrupt")
         act = config.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
+        if not isinstance(act, str) or act not in ("silu", "swish"):
             raise UnsupportedModelError(f"hidden_act {act!r} is not SiLU; moeify splits SwiGLU FFNs only")
         if config.get("mlp_bias"):
             raise UnsupportedModelError("the FFN has biases (mlp_bias: true), which MoE targets cannot express")

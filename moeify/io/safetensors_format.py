@@ -116,7 +116,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_len
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise InputError(f"{path}: tensor {name!r} lacks dtype/shape/data_offsets", "the file is corrupt")
     dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise InputError(
             f"{path}: tensor {name!r} has unknown dtype {dtype_name!r}",
             f"supported: {', '.join(DTYPES)}",

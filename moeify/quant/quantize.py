@@ -21,7 +21,7 @@ from moeify.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 from moeify.metadata import read_metadata, write_metadata
 from moeify.progress import SILENT, Reporter
 from moeify.quant.formats import quantization_config
-from moeify.quant.fp8 import BLOCK, quantize
+from moeify.quant.fp8 import BLOCK, check_finite, quantize
 from moeify.quant.plan import QuantPlan, build_plan
 from moeify.quant.verify import VerifyReport, verify_output
 from moeify.source import copy_side_files
@@ -86,6 +86,8 @@ def quantize_fp8(input_dir: str | Path, output: str | Path, scheme: str = "auto"
             for name, tensor in reporter.track(tensors, "quantizing", total=len(reader.tensors)):
                 target = plan.targets.get(name)
                 if target is None:
+                    if tensor.is_floating_point():
+                        check_finite(name, tensor)  # a NaN norm or embedding would be copied silently
                     writer.write(name, tensor)
                     continue
                 q, scale = quantize(tensor, plan.scheme, name)  # type: ignore[arg-type]
