@@ -300,13 +300,10 @@ def shipped_dir() -> Path:
     """Where the shipped recipes are: inside the installed package (wheel), else the repo's recipes/."""
     from importlib import resources
 
-    try:
-        packaged = Path(str(resources.files("moeify.recipes")))
-        if packaged.is_dir() and any(packaged.glob("*.yaml")):
-            return packaged
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "recipes"
+    packaged = Path(str(resources.files("moeify") / "recipes"))  # a link to ../recipes in a checkout
+    if packaged.is_dir() and any(packaged.glob("*.yaml")):
+        return packaged
+    return Path(__file__).resolve().parent.parent / "recipes"  # a checkout where the link did not survive
 
 
 def shipped_recipes() -> dict[str, Path]:
