@@ -119,7 +119,7 @@ def plan_split(model: str | Path, options: SplitOptions, reporter: Reporter = SI
     config = load_json(source.folder / "config.json", "config.json")
     family = source_family(config)
     reader = CheckpointReader(source.folder)
-    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    inter, layers = config["intermediate_size"], config["num_hidden_layers"]
     validate_options(options, inter, layers)
     target = target_arch(family.choose_target(options.shared, options.target))
     size = expert_size_for(inter, options.experts, options.shared, options.pad_to)
@@ -191,23 +191,11 @@ def _plan_tensors(reader: CheckpointReader, family, target: TargetArch, plan: Ta
                   dtype: torch.dtype) -> list[TensorSpec]:
     """All output tensors in writing order: globals first, then each layer, then the rest."""
     hidden = config["hidden_size"]
-    by_layer: dict[int, list[str]] = {}
-    head, tail = [], []
-    ffn = {n for i in range(config["num_hidden_layers"]) for n in vars(family.ffn_names(i)).values()}
-    for name in reader.names():
-        if name in ffn:
-            continue
-        m = _LAYER.match(name)
-        if m:
-            by_layer.setdefault(int(m.group(1)), []).append(name)
-        elif name.startswith("model.embed_tokens"):
-            head.append(name)
-        else:
-            tail.append(name)
+    head, by_layer, tail = _carried_names(reader, family, config["num_hidden_layers"])
     specs = [_carried(reader, target, n) for n in head]
     m, e = plan.expert_size, plan.experts
     for i in range(config["num_hidden_layers"]):
-        specs += [_carried(reader, target, n) for n in sorted(by_layer.get(i, []))]
+        specs += [_carried(reader, target, n) for n in by_layer.get(i, [])]
         specs += [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in target.extra_tensors(config, i, dtype).items()]
         if i in plan.dense_layers:
             names = target.dense_names(i)
@@ -222,6 +210,23 @@ def _plan_tensors(reader: CheckpointReader, family, target: TargetArch, plan: Ta
             specs.append(TensorSpec(target.shared_gate_name(i), torch.float32, (1, hidden)))
     specs += [_carried(reader, target, n) for n in tail]
     return specs
+
+
+def _carried_names(reader: CheckpointReader, family, layers: int) -> tuple[list[str], dict[int, list[str]], list[str]]:
+    """Tensors copied unchanged: before the layers (embeddings), per layer (attention, norms), after."""
+    ffn = {n for i in range(layers) for n in vars(family.ffn_names(i)).values()}
+    head, tail, by_layer = [], [], {}
+    for name in reader.names():
+        if name in ffn:
+            continue
+        m = _LAYER.match(name)
+        if m:
+            by_layer.setdefault(int(m.group(1)), []).append(name)
+        elif name.startswith("model.embed_tokens"):
+            head.append(name)
+        else:
+            tail.append(name)
+    return head, {i: sorted(names) for i, names in by_layer.items()}, tail
 
 
 def _carried(reader: CheckpointReader, target: TargetArch, name: str) -> TensorSpec:
@@ -295,24 +300,12 @@ def split_model(model: str | Path, output: str | Path, options: SplitOptions | N
 def _stream(plan: SplitPlan, reader: CheckpointReader, family, method, folder: Path, options: SplitOptions,
             reporter: Reporter) -> list[dict[str, Any]]:
     target, tplan = plan.target, plan.target_plan
-    spec_names = {s.name for s in plan.specs}
     layer_info = []
-    carried_by_layer: dict[int, list[str]] = {}
-    for name in reader.names():
-        m = _LAYER.match(name)
-        if m and target.rename(name) in spec_names:
-            carried_by_layer.setdefault(int(m.group(1)), []).append(name)
-    globals_ = [n for n in reader.names() if not _LAYER.match(n)]
+    head, carried_by_layer, tail = _carried_names(reader, family, plan.layers)
     with ShardedWriter(folder, plan.specs, options.max_shard_bytes, metadata={"moeify_version": __version__}) as w:
-        for name in globals_:
-            tensor = reader.get(name)
-            check_finite(name, tensor)
-            w.write(target.rename(name), tensor)
+        _copy(reader, w, target, head)
         for i in reporter.track(range(plan.layers), "Splitting layers", total=plan.layers):
-            for name in carried_by_layer.get(i, []):
-                tensor = reader.get(name)
-                check_finite(name, tensor)
-                w.write(target.rename(name), tensor)
+            _copy(reader, w, target, carried_by_layer.get(i, []))
             for name, tensor in target.extra_tensors(plan.config, i, plan.dtype).items():
                 w.write(name, tensor)
             names = family.ffn_names(i)
@@ -330,7 +323,15 @@ def _stream(plan: SplitPlan, reader: CheckpointReader, family, method, folder: P
             _write_moe_layer(w, target, tplan, i, moe, plan.dtype, options.router_logit_std)
             layer_info.append({"layer": i, "expert_sizes": [e.size for e in moe.experts],
                                "shared_size": moe.shared.size if moe.shared is not None else 0, **moe.info})
+        _copy(reader, w, target, tail)
     return layer_info
+
+
+def _copy(reader: CheckpointReader, w: ShardedWriter, target: TargetArch, names: list[str]) -> None:
+    for name in names:
+        tensor = reader.get(name)
+        check_finite(name, tensor)
+        w.write(target.rename(name), tensor)
 
 
 def _write_moe_layer(w: ShardedWriter, target: TargetArch, tplan: TargetPlan, layer: int, moe: MoELayer,

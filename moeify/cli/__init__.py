@@ -13,9 +13,15 @@ app = typer.Typer(
 )
 
 # Each module registers its command(s) on `app` when imported.
-from moeify.cli import inspect_cmd, split_cmd  # noqa: E402,F401
-from moeify.cli import quantize_cmd  # noqa: E402,F401
-from moeify.cli import push_cmd  # noqa: E402,F401
+from moeify.cli import (  # noqa: E402,F401
+    demo_cmd,
+    inspect_cmd,
+    push_cmd,
+    quantize_cmd,
+    recipes_cmd,
+    run_cmd,
+    split_cmd,
+)
 
 
 def main() -> None:
