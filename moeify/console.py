@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from rich.console import Console
@@ -30,17 +30,23 @@ class Output(Reporter):
         self.notes: list[str] = []
 
     # Reporter -----------------------------------------------------------------
-    def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    def track(self, items: Iterable[T], description: str, total: int | None = None,
+              postfix: Callable[[], str] | None = None) -> Iterator[T]:
         if self.quiet or self.json_mode or not self.err.is_terminal and not _force_progress():
             yield from items
             return
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn()]
+        if postfix is not None:
+            columns.append(TextColumn("{task.fields[postfix]}"))
         with Progress(*columns, console=self.err, transient=False) as progress:
-            task = progress.add_task(description, total=total)
+            task = progress.add_task(description, total=total, postfix="")
             for item in items:
                 yield item
-                progress.advance(task)
+                if postfix is not None:
+                    progress.update(task, advance=1, postfix=postfix())
+                else:
+                    progress.advance(task)
 
     def note(self, message: str) -> None:
         self.notes.append(message)

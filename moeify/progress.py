@@ -6,7 +6,7 @@ get the silent default. This keeps the library free of UI imports and usable fro
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -15,7 +15,9 @@ T = TypeVar("T")
 class Reporter:
     """Silent reporter: the default for library calls."""
 
-    def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    def track(self, items: Iterable[T], description: str, total: int | None = None,
+              postfix: Callable[[], str] | None = None) -> Iterator[T]:
+        """Iterate `items` with a progress bar; `postfix()` is live text after it (e.g. 'loss 2.31')."""
         yield from items
 
     def note(self, message: str) -> None:

@@ -1,0 +1,285 @@
+"""`finetune()`: stage 1 (router fitting) and stage 2 (distillation), then a standard checkpoint out.
+
+The order is the house order: validate options and inputs, resolve the teacher and the data, check the
+output path — all before the first weight is trained — then train, then write the output atomically
+with the input's exact tensor layout and a moeify.json that records the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeify.errors import InputError, UsageError
+from moeify.finetune.data import BatchPlan, load_chunks, steps_for
+from moeify.finetune.distill import DistillConfig, distill
+from moeify.finetune.moe_model import MOE_TYPES, load_student, moe_blocks
+from moeify.finetune.state import checkpoint_dir, read_state
+from moeify.io.output import atomic_output, check_output_path
+from moeify.io.reader import load_json
+from moeify.metadata import hardware, read_metadata, write_metadata
+from moeify.progress import SILENT, Reporter
+from moeify.source import copy_side_files, resolve_source
+
+STAGES = ("1", "2", "both")
+DEVICES = ("auto", "cpu", "cuda")
+CONFIG_FILES = ("config.json", "generation_config.json")
+
+
+@dataclass
+class FinetuneOptions:
+    """Everything that decides a fine-tuning run; recorded verbatim in moeify.json."""
+
+    teacher: str | None = None  # dense model (folder, Hub id, .gguf); default: the split's recorded source
+    data: str | None = None  # text file, folder or hf:DATASET; default: the shipped calibration text
+    tokens: int | None = None  # stage-2 token budget (or max_steps)
+    max_steps: int | None = None
+    stage: str = "both"  # "1" routers only, "2" distillation only, "both"
+    lr: float = 1e-4
+    warmup: int | None = None  # warmup steps; default 5% of the steps
+    seq_len: int = 512
+    batch_size: int = 8  # sequences per step and process
+    lora: int = 0  # LoRA rank for the experts (0: train them fully)
+    attention_lora: bool = False
+    balance_coef: float = 0.01
+    router_scale_lr: float = 1e-2
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 0  # steps between resumable checkpoints (0: only on Ctrl-C)
+    resume: bool = False
+    device: str = "auto"
+    log_file: str | None = None
+    seed: int = 0
+    calibration_tokens: int = 16384  # stage-1 tokens (taken from the start of the data)
+    router_steps: int = 200  # stage-1 optimisation steps per layer
+
+
+def validate_options(o: FinetuneOptions) -> None:
+    if o.stage not in STAGES:
+        raise UsageError(f"--stage {o.stage!r} is not one of {', '.join(STAGES)}", "e.g. --stage both")
+    if o.device not in DEVICES:
+        raise UsageError(f"--device {o.device!r} is not one of {', '.join(DEVICES)}", "e.g. --device auto")
+    if o.stage != "1" and o.tokens is None and o.max_steps is None:
+        raise UsageError("stage 2 needs a training budget", "--tokens 2M or --max-steps N")
+    checks = [("--seq-len", o.seq_len, 2), ("--batch-size", o.batch_size, 1), ("--lora", o.lora, 0),
+              ("--checkpoint-every", o.checkpoint_every, 0), ("--calibration-tokens", o.calibration_tokens, 1),
+              ("--router-steps", o.router_steps, 0)]
+    for flag, value, minimum in checks:
+        if value < minimum:
+            raise UsageError(f"{flag} must be at least {minimum} (got {value})", f"e.g. {flag} {max(minimum, 8)}")
+    if not o.lr > 0 or not o.router_scale_lr >= 0 or not o.balance_coef >= 0:
+        raise UsageError("--lr must be positive and --balance-coef non-negative", "e.g. --lr 1e-4")
+    if o.warmup is not None and o.warmup < 0:
+        raise UsageError(f"--warmup must be 0 or more (got {o.warmup})", "e.g. --warmup 20")
+
+
+def pick_device(requested: str) -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible", "use --device cpu or auto")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def make_accelerator(device: str):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # Experts a batch never routes to get no gradient; DDP must not wait for them.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=device == "cpu", mixed_precision="no", kwargs_handlers=[ddp])
+
+
+def teacher_spec(moe_dir: Path, requested: str | None) -> str:
+    if requested:
+        return requested
+    source = ((read_metadata(moe_dir)["stages"].get("split") or {}).get("source") or {})
+    ident = source.get("id")
+    if not isinstance(ident, str) or not ident:
+        raise UsageError(f"{moe_dir}: no --teacher given and moeify.json names no source model",
+                         "pass --teacher DENSE_MODEL (the model the MoE was split from)")
+    return ident
+
+
+def load_teacher(folder: Path, device: str):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
+                                                 trust_remote_code=False)
+    model.config.use_cache = False
+    return model.eval().requires_grad_(False)
+
+
+def set_trainable(model: torch.nn.Module) -> int:
+    """Routers and experts (routed and shared) train; attention, norms, embeddings and the shared
+    expert's gate stay frozen (the gate at its split value keeps the shared expert always on)."""
+    count = 0
+    for name, p in model.named_parameters():
+        train = (".gate.weight_unit" in name or ".gate.log_scale" in name or ".experts." in name
+                 or (".shared_expert." in name))
+        p.requires_grad_(train)
+        count += p.numel() if train else 0
+    return count
+
+
+def data_fingerprint(chunks: torch.Tensor) -> str:
+    return hashlib.sha256(chunks.numpy().tobytes()).hexdigest()[:16]
+
+
+def finetune(moe_dir: str | Path, output: str | Path, options: FinetuneOptions | None = None, *,
+             overwrite: bool = False, reporter: Reporter = SILENT, chunks: torch.Tensor | None = None,
+             accelerator=None) -> dict[str, Any]:
+    """Repair the MoE at `moe_dir` and write it to `output`; returns the record written to moeify.json.
+
+    `chunks` ([n, seq_len] token ids) replaces `options.data` (tests, or callers with their own tokens).
+    """
+    options = options or FinetuneOptions()
+    validate_options(options)
+    started = time.perf_counter()
+    moe_dir, output = Path(moe_dir), Path(output)
+    if not (moe_dir / "config.json").is_file():
+        raise InputError(f"{moe_dir}: no config.json here", "give the output folder of `moeify split`")
+    config = load_json(moe_dir / "config.json", "config.json")
+    if config.get("model_type") not in MOE_TYPES:
+        raise InputError(f"{moe_dir}: model_type {config.get('model_type')!r} is not an MoE moeify fine-tunes",
+                         f"give the output of `moeify split` ({', '.join(MOE_TYPES)})")
+    check_output_path(output, [moe_dir], overwrite)
+    teacher_source = resolve_source(teacher_spec(moe_dir, options.teacher), reporter=reporter)
+    teacher_config = load_json(teacher_source.folder / "config.json", "config.json")
+    if teacher_config.get("vocab_size") != config.get("vocab_size"):
+        raise InputError(f"the teacher's vocabulary ({teacher_config.get('vocab_size')}) differs from the MoE's "
+                         f"({config.get('vocab_size')})", "use the dense model the MoE was split from")
+    device = pick_device(options.device)
+    accelerator = accelerator or make_accelerator(device)
+    data_label = "<token ids from the caller>" if chunks is not None else (options.data or "<shipped calibration text>")
+    if chunks is None:
+        from moeify.data import load_tokenizer
+
+        chunks = load_chunks(options.data, load_tokenizer(moe_dir), options.seq_len)
+    chunks = chunks.long()
+    seq_len = chunks.shape[1]
+    world = accelerator.num_processes
+    steps = 0 if options.stage == "1" else steps_for(options.tokens, options.max_steps, seq_len,
+                                                     options.batch_size * world)
+    warmup = options.warmup if options.warmup is not None else max(0, round(0.05 * steps))
+    fingerprint = data_fingerprint(chunks)
+    resume_options = {"seed": options.seed, "lr": options.lr, "warmup": warmup, "seq_len": seq_len,
+                      "batch_size": options.batch_size, "steps": steps, "lora": options.lora,
+                      "attention_lora": options.attention_lora, "balance_coef": options.balance_coef,
+                      "data_fingerprint": fingerprint, "world": world}
+    ckpt = checkpoint_dir(output)
+    resume_state = read_state(ckpt) if options.resume else None
+
+    reporter.status(f"loading {moe_dir.name} and the teacher {teacher_source.id}")
+    torch.manual_seed(options.seed)
+    student = load_student(moe_dir)
+    split_scale = _split_router_scale(moe_dir)
+    record: dict[str, Any] = {
+        "input": str(moe_dir), "teacher": teacher_source.describe(), "options": asdict(options),
+        "data": data_label,
+        "seq_len": seq_len, "stage": options.stage, "device": device, "processes": world,
+    }
+    timings: dict[str, float] = {}
+
+    if options.stage in ("1", "both") and resume_state is None:
+        from moeify.finetune.routers import fit_routers
+
+        tick = time.perf_counter()
+        calib = chunks[: max(1, options.calibration_tokens // seq_len)]
+        fits = fit_routers(student, teacher_source.folder, calib, split_scale, steps=options.router_steps,
+                           seed=options.seed, reporter=reporter)
+        timings["stage1"] = round(time.perf_counter() - tick, 2)
+        record["stage1"] = {"calibration_tokens": int(calib.numel()), "layers": fits,
+                            "mean_error_before": _mean(f["error_before"] for f in fits),
+                            "mean_error_after": _mean(f["error_after"] for f in fits)}
+    elif resume_state is not None:
+        record["stage1"] = (resume_state.get("options") or {}).get("stage1")
+
+    if options.stage in ("2", "both"):
+        tick = time.perf_counter()
+        teacher = load_teacher(teacher_source.folder, device)
+        set_trainable(student)
+        if options.lora or options.attention_lora:
+            from moeify.finetune.lora import add_lora
+
+            student = add_lora(student, options.lora, options.attention_lora)
+        if options.gradient_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        cfg = DistillConfig(steps=steps, lr=options.lr, warmup=warmup, batch_size=options.batch_size,
+                            balance_coef=options.balance_coef, router_scale_lr=options.router_scale_lr,
+                            checkpoint_every=options.checkpoint_every, seed=options.seed)
+        log_file = Path(options.log_file) if options.log_file else None
+        resume_options["stage1"] = record.get("stage1")
+        student, result = distill(student, teacher, chunks, cfg, accelerator, checkpoint=ckpt,
+                                  resume=resume_state is not None, resume_options=resume_options,
+                                  log_file=log_file, reporter=reporter)
+        if options.lora or options.attention_lora:
+            from moeify.finetune.lora import merge_lora
+
+            student = merge_lora(student)
+        if options.gradient_checkpointing:
+            student.gradient_checkpointing_disable()
+        del teacher
+        timings["stage2"] = round(time.perf_counter() - tick, 2)
+        record.update(tokens=result.tokens, steps=result.steps, first_loss=result.first_loss,
+                      final_loss=result.final_loss, tokens_per_s=result.tokens_per_s,
+                      resumed_from=result.resumed_from, peak_gpu_memory_bytes=result.peak_memory_bytes,
+                      expert_load=result.expert_load, load_summary=_load_summary(result.expert_load),
+                      losses=result.losses, warmup=warmup, batch_tokens=BatchPlan(
+                          chunks.shape[0], options.batch_size, options.seed, world).global_batch * seq_len)
+
+    student = student.to("cpu")
+    scales = _router_scales(student)
+    record["router_scales"] = scales
+    record["hardware"] = hardware()
+    if accelerator.is_main_process:
+        reporter.status(f"writing {output}")
+        with atomic_output(output, overwrite,
+                           on_stale=lambda p: reporter.note(f"removed {p.name}, left by a killed run")) as tmp:
+            from moeify.finetune.export import write_like_input
+
+            write_like_input(student, moe_dir, tmp)
+            for name in CONFIG_FILES:
+                if (moe_dir / name).is_file():
+                    shutil.copyfile(moe_dir / name, tmp / name)
+            record["copied_files"] = copy_side_files(moe_dir, tmp)
+            timings["total"] = round(time.perf_counter() - started, 2)
+            record["timings_s"] = timings
+            write_metadata(tmp, "finetune", record, read_metadata(moe_dir))
+        shutil.rmtree(ckpt, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return {"output": str(output), **record}
+
+
+def _split_router_scale(moe_dir: Path) -> float:
+    from moeify.finetune.moe_model import DEFAULT_ROUTER_SCALE
+
+    std = ((read_metadata(moe_dir)["stages"].get("split") or {}).get("options") or {}).get("router_logit_std")
+    return float(std) if isinstance(std, int | float) and 0 < std <= 1 else DEFAULT_ROUTER_SCALE
+
+
+def _router_scales(model: torch.nn.Module) -> list[float | None]:
+    scales: list[float | None] = [None] * model.config.num_hidden_layers
+    for block in moe_blocks(model):
+        scales[block.layer] = float(f"{block.router.log_scale.exp().item():.6g}")
+    return scales
+
+
+def _load_summary(loads: list[list[float]]) -> dict[str, float] | None:
+    if not loads:
+        return None
+    flat = [x for row in loads for x in row]
+    experts = len(loads[0])
+    return {"max_load_vs_uniform": round(max(flat) * experts, 3), "min_load_vs_uniform": round(min(flat) * experts, 3)}
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return round(sum(values) / len(values), 6) if values else None
+
