@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from moeify.cli import app
-from moeify.cli.common import JsonOpt, OverwriteOpt, QuietOpt, TokenOpt, run_command
+from moeify.cli.common import JsonOpt, QuietOpt, TokenOpt, run_command
 from moeify.console import Output
 
 RecipeArg = Annotated[str, typer.Argument(help="Recipe file, or the name of a shipped recipe (`moeify recipes "
