@@ -15,6 +15,7 @@ app = typer.Typer(
 # Each module registers its command(s) on `app` when imported.
 from moeify.cli import (  # noqa: E402,F401
     demo_cmd,
+    eval_cmd,
     finetune_cmd,
     inspect_cmd,
     push_cmd,

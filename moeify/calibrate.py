@@ -1,0 +1,184 @@
+"""Run the dense model one decoder layer at a time over calibration tokens, and measure its FFN neurons.
+
+Only one decoder layer's weights and the calibration hidden states are in memory: the model is built on
+the meta device and each `model.layers[i]` is materialised from the checkpoint, run, and dropped. Using
+the model's own decoder layer, rotary embedding and mask helpers keeps calibration bit-for-bit the
+network the user converts (sliding windows, qk-norms, biases and all).
+
+The runner stops halfway through each layer: `ffn_input(i)` returns the FFN input X (the
+post-attention RMSNorm output) and the caller decides which FFN output to add before `advance()`;
+passing the split layer's output instead of the dense one gives sequential error compensation (the next
+layer is calibrated on what the converted model will actually see).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moeify.io.reader import CheckpointReader
+from moeify.moe_layer import FFNWeights
+from moeify.progress import SILENT, Reporter
+
+DEFAULT_SEQ_LEN = 512
+# Fraction of neurons counted as "firing" at a token: the ones with the largest |activation| x |down column|.
+FIRE_FRACTION = 0.1
+
+
+class _Capture(torch.nn.Module):
+    """Stands in for a decoder layer's MLP: records its input and contributes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach())
+        return torch.zeros_like(x)
+
+
+def calibration_tokens(folder: Path, spec: str | None, max_tokens: int, seq_len: int = DEFAULT_SEQ_LEN
+                       ) -> torch.Tensor:
+    """[chunks, seq_len] token ids of the calibration text (shipped mixed default when `spec` is None)."""
+    from moeify.data import load_text, load_tokenizer, tokenize_chunks
+
+    tokenizer = load_tokenizer(folder)
+    seq_len = min(seq_len, max_tokens)
+    return tokenize_chunks(tokenizer, load_text(spec), seq_len, max_tokens=max_tokens)
+
+
+class LayerRunner:
+    """The dense decoder stack stepped layer by layer over fixed token chunks."""
+
+    def __init__(self, folder: Path, reader: CheckpointReader, config: dict[str, Any], tokens: torch.Tensor,
+                 batch: int = 8, reporter: Reporter = SILENT):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.reader, self.batch, self.reporter = reader, batch, reporter
+        self.hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        self.hf_config._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
+        self.inner = model.model
+        self.layers = len(self.inner.layers)
+        self.tokens = tokens
+        embed = reader.get("model.embed_tokens.weight", torch.float32)
+        self.hidden = F.embedding(tokens, embed)  # [chunks, seq, hidden]: the next layer's input
+        del embed
+        rotary_cls = type(self.inner.rotary_emb)
+        self.rotary = rotary_cls(config=self.hf_config)
+        positions = torch.arange(tokens.shape[1]).unsqueeze(0)
+        self.position_ids = positions
+        self.position_embeddings = self.rotary(self.hidden[:1], positions)
+        self.masks = self._masks()
+        self._mid: torch.Tensor | None = None
+
+    def _masks(self) -> dict[str, Any]:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        probe = self.hidden[: self.batch]
+        args = dict(config=self.hf_config, inputs_embeds=probe, attention_mask=None, cache=None,
+                    position_ids=self.position_ids.expand(probe.shape[0], -1))
+        masks = {"full_attention": create_causal_mask(**args)}
+        types = getattr(self.hf_config, "layer_types", None) or []
+        mistral_style = self.hf_config.model_type == "mistral" and getattr(self.hf_config, "sliding_window", None)
+        if "sliding_attention" in types or mistral_style:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**args)
+        if mistral_style:
+            masks["full_attention"] = masks["sliding_attention"]
+        return masks
+
+    def _mask_for(self, layer: int, rows: int):
+        types = getattr(self.hf_config, "layer_types", None)
+        mask = self.masks[types[layer] if types else "full_attention"]
+        if isinstance(mask, torch.Tensor) and mask.shape[0] != rows:
+            mask = mask[:rows]
+        return mask
+
+    def _load_layer(self, layer: int) -> torch.nn.Module:
+        module = self.inner.layers[layer]
+        prefix = f"model.layers.{layer}."
+        state = {n[len(prefix):]: self.reader.get(n, torch.float32) for n in self.reader.names()
+                 if n.startswith(prefix) and ".mlp." not in n}
+        module.mlp = _Capture()
+        module.to_empty(device="cpu")
+        missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+        if unexpected or missing:
+            raise RuntimeError(f"layer {layer}: checkpoint tensors do not fit the model ({missing or unexpected})")
+        return module.eval()
+
+    @torch.no_grad()
+    def ffn_input(self, layer: int) -> torch.Tensor:
+        """Run layer `layer` up to its FFN; returns X, the FFN input of every token ([tokens, hidden])."""
+        module = self._load_layer(layer)
+        mids = []
+        for start in range(0, self.hidden.shape[0], self.batch):
+            h = self.hidden[start:start + self.batch]
+            rows = h.shape[0]
+            cos, sin = self.position_embeddings
+            out = module(h, attention_mask=self._mask_for(layer, rows),
+                         position_ids=self.position_ids.expand(rows, -1),
+                         position_embeddings=(cos.expand(rows, -1, -1), sin.expand(rows, -1, -1)))
+            mids.append(out[0] if isinstance(out, tuple) else out)
+        x = torch.cat(module.mlp.seen)
+        self._mid = torch.cat(mids)
+        module.mlp.seen.clear()
+        module.to("meta")  # drop the weights: one layer in memory at a time
+        return x.reshape(-1, x.shape[-1])
+
+    def advance(self, ffn_output: torch.Tensor) -> None:
+        """Finish the layer with the given FFN output (dense, or the split layer's for compensation)."""
+        if self._mid is None:
+            raise RuntimeError("call ffn_input() before advance()")
+        self.hidden = self._mid + ffn_output.reshape(self._mid.shape)
+        self._mid = None
+
+
+def ffn_activations(ffn: FFNWeights, x: torch.Tensor) -> torch.Tensor:
+    """Per-neuron SwiGLU activations silu(gate x) * (up x), [tokens, neurons]."""
+    return F.silu(F.linear(x, ffn.gate)) * F.linear(x, ffn.up)
+
+
+@dataclass
+class NeuronStats:
+    """What calibration says about each FFN neuron of one layer.
+
+    `contribution` is |activation| x |down column|: how much a neuron moves the output at a token.
+    A neuron "fires" at a token when its contribution is among the top FIRE_FRACTION of the layer's.
+    """
+
+    tokens: int
+    mean_abs: torch.Tensor  # [n] mean |activation|
+    mean_contribution: torch.Tensor  # [n] mean |activation| * |down column|
+    fire_rate: torch.Tensor  # [n] fraction of tokens at which the neuron fires
+    coactivation: torch.Tensor  # [n, n] fraction of tokens at which both fire
+
+    @classmethod
+    def from_activations(cls, acts: torch.Tensor, down: torch.Tensor, fire_fraction: float = FIRE_FRACTION,
+                         chunk: int = 4096) -> NeuronStats:
+        n = acts.shape[1]
+        col = down.norm(dim=0)
+        top = max(1, round(fire_fraction * n))
+        mean_abs = torch.zeros(n, dtype=torch.float64)
+        mean_c = torch.zeros(n, dtype=torch.float64)
+        fires = torch.zeros(n, dtype=torch.float64)
+        co = torch.zeros(n, n, dtype=torch.float64)
+        for start in range(0, acts.shape[0], chunk):
+            a = acts[start:start + chunk].abs()
+            c = a * col
+            fired = torch.zeros_like(c)
+            fired.scatter_(1, torch.topk(c, top, dim=1).indices, 1.0)
+            mean_abs += a.sum(0, dtype=torch.float64)
+            mean_c += c.sum(0, dtype=torch.float64)
+            fires += fired.sum(0, dtype=torch.float64)
+            co += (fired.T @ fired).double()
+        t = acts.shape[0]
+        return cls(t, (mean_abs / t).float(), (mean_c / t).float(), (fires / t).float(), (co / t).float())
+
+
+def layer_stats(ffn: FFNWeights, x: torch.Tensor) -> NeuronStats:
+    return NeuronStats.from_activations(ffn_activations(ffn, x), ffn.down)

@@ -1,0 +1,65 @@
+"""`moeify eval MODEL [--baseline DENSE] [--text FILE] [--plot load.png]`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from moeify.cli import app
+from moeify.cli.common import JsonOpt, ModelArg, QuietOpt, run_command
+from moeify.console import Output
+
+
+@app.command("eval")
+def eval_command(
+    model: ModelArg,
+    baseline: Annotated[str | None, typer.Option("--baseline", help="The dense model it came from: adds the "
+                                                 "perplexity ratio and per-layer reconstruction error.")] = None,
+    text: Annotated[str | None, typer.Option("--text", help="Text file, folder or hf:DATASET (default: a "
+                                             "held-out novel excerpt shipped with moeify).")] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per chunk.")] = 512,
+    max_chunks: Annotated[int | None, typer.Option("--max-chunks", help="Score at most this many chunks.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of expert load per layer and a "
+                                              "perplexity bar chart (needs moeify[plot]).")] = None,
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Perplexity, activation ratio, expert load and reconstruction error of a (split) model."""
+    out = Output(json_mode, quiet)
+
+    def body() -> None:
+        from moeify.evaluate import EvalOptions, evaluate_model
+
+        options = EvalOptions(text, seq_len, max_chunks, str(plot) if plot is not None else None)
+        result = evaluate_model(model, options, baseline=baseline, reporter=out)
+        rows = [("model", result["model"]), ("tokens", f"{result['tokens']} ({result['chunks']} x {seq_len})"),
+                ("perplexity", f"{result['perplexity']:.3f}")]
+        if "baseline_perplexity" in result:
+            rows += [("baseline perplexity", f"{result['baseline_perplexity']:.3f}"),
+                     ("ratio to baseline", f"{result['perplexity_ratio']:.3f}x")]
+        if result.get("activation_ratio") is not None:
+            rows.append(("activation ratio", f"{result['activation_ratio']:.1%} of the dense FFN per token"))
+        rows.append(("time", f"{result['seconds']:.1f} s"))
+        if "plot" in result:
+            rows.append(("plot", result["plot"]))
+        out.result(result, title="eval", rows=rows, tables=[_layer_table(result)] if "expert_load" in result else [])
+
+    run_command(out, body)
+
+
+def _layer_table(result: dict) -> Table:
+    """One row per MoE layer: token share of each expert, imbalance, reconstruction error."""
+    errors = result.get("layer_reconstruction_error")
+    table = Table("layer", "expert load (% of routed tokens)", "max/mean", *(["recon. error"] if errors else []),
+                  box=None, pad_edge=False, title="experts")
+    for layer, counts in result["expert_load"].items():
+        total = max(1, sum(counts))
+        shares = " ".join(f"{100 * c / total:4.1f}" for c in counts)
+        row = [layer, shares, f"{result['load_imbalance'][layer]:.2f}"]
+        if errors:
+            row.append(f"{errors[int(layer)]:.4f}")
+        table.add_row(*row)
+    return table

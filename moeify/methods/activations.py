@@ -1,0 +1,137 @@
+"""`--method activations`: split by how neurons fire on calibration text, fit routers, repair the outputs.
+
+Per layer, on the calibration tokens' FFN inputs X (dense model, run layer by layer):
+1. shared (generalist) experts: the neurons with the largest mean contribution |a_j| x |d_j| (those
+   that matter for almost every token; DeepSeekMoE's and CMoE's idea);
+2. routed experts: balanced k-means on each neuron's contribution pattern over tokens, so neurons that
+   fire together land in the same expert;
+3. router: least squares from X to each expert's true output norm (what the oracle ranks by);
+4. repair: ridge refit of every down projection given the router's choices, to reproduce the dense output.
+With top-k equal to the number of experts nothing is routed away, so steps 3-4 are skipped and the split is
+exact. Per-layer relative reconstruction errors (before and after repair, and with oracle routing) go to
+moeify.json.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from moeify.calibrate import LayerRunner, NeuronStats, calibration_tokens, ffn_activations
+from moeify.cluster import balanced_kmeans, reduce_features
+from moeify.methods.base import SplitContext, SplitMethod
+from moeify.moe_layer import FFNWeights, MoELayer, split_by_groups
+from moeify.repair import moe_output, refit_down, relative_error
+from moeify.router import expert_output_norms, fit_linear_router, oracle_choices
+
+PATTERN_TOKENS = 2048  # tokens whose activation pattern describes a neuron for clustering
+
+
+def pattern_features(acts: torch.Tensor, down: torch.Tensor, tokens: int = PATTERN_TOKENS, seed: int = 0
+                     ) -> np.ndarray:
+    """Each neuron as its unit-norm contribution pattern |a_j(t)| x |d_j| over a token sample ([n, tokens])."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(acts.shape[0], generator=g)[:tokens]
+    pattern = (acts[rows].abs() * down.norm(dim=0)).T
+    pattern = pattern / pattern.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return pattern.numpy()
+
+
+class ActivationsMethod(SplitMethod):
+    name = "activations"
+    needs_calibration = True
+    sequential = True  # calibrate layer i+1 on the converted layers' outputs (error compensation)
+    repair = True
+    router_ridge = 1e-3
+    down_ridge = 1e-2
+
+    def prepare(self, ctx: SplitContext) -> None:
+        super().prepare(ctx)
+        tokens = calibration_tokens(ctx.folder, ctx.calibration, ctx.calibration_tokens)
+        ctx.reporter.note(f"calibrating on {tokens.numel()} tokens ({tokens.shape[0]} chunks of {tokens.shape[1]})")
+        self.runner = LayerRunner(ctx.folder, ctx.reader, ctx.config, tokens, reporter=ctx.reporter)
+        self.errors: list[dict[str, Any]] = []
+        self.calibrated_tokens = int(tokens.numel())
+        self.next_layer = 0
+
+    def _catch_up(self, layer: int) -> None:
+        """Layers kept dense (never passed to build) still have to move the calibration stream forward."""
+        while self.next_layer < layer:
+            names = self.ctx.family.ffn_names(self.next_layer)
+            dense = FFNWeights(*(self.ctx.reader.get(n, torch.float32) for n in (names.gate, names.up, names.down)))
+            self.runner.advance(dense.forward(self.runner.ffn_input(self.next_layer)))
+            self.next_layer += 1
+
+    def build(self, layer: int, ffn: FFNWeights) -> MoELayer:
+        self._catch_up(layer)
+        x = self.runner.ffn_input(layer)
+        self.next_layer = layer + 1
+        moe, y, info = self.split_layer(layer, ffn, x)
+        if self.sequential and info.get("routed"):
+            self.runner.advance(moe_output(moe, x, self.choices(moe, x)))
+        else:
+            self.runner.advance(y)
+        moe.info.update(info)
+        self.errors.append({"layer": layer, **info})
+        return moe
+
+    def choices(self, moe: MoELayer, x: torch.Tensor) -> torch.Tensor:
+        return torch.topk(x @ moe.router.T, self.ctx.top_k, dim=-1).indices
+
+    def split_layer(self, layer: int, ffn: FFNWeights, x: torch.Tensor
+                    ) -> tuple[MoELayer, torch.Tensor, dict[str, Any]]:
+        ctx = self.ctx
+        m, experts = ctx.expert_size, ctx.experts
+        acts = ffn_activations(ffn, x)
+        y = acts @ ffn.down.T
+        shared_idx, routed_idx = self.pick_shared(ffn, acts)
+        groups = self.group(ffn, acts, routed_idx, layer)
+        placeholder = torch.zeros(experts, ffn.gate.shape[1])
+        moe = split_by_groups(ffn, shared_idx, groups, m, ctx.shared * m, placeholder)
+        if ctx.top_k >= experts:
+            moe.router = torch.eye(experts, ffn.gate.shape[1])  # any order: every expert runs
+            return moe, y, {"routed": False}
+        norms = expert_output_norms(moe.experts, x)
+        moe.router = fit_linear_router(x, norms, self.router_ridge)
+        chosen = self.choices(moe, x)
+        info = {"routed": True,
+                "error_oracle": round(relative_error(moe_output(moe, x, oracle_choices(moe.experts, x, ctx.top_k)),
+                                                     y), 5),
+                "error_before_repair": round(relative_error(moe_output(moe, x, chosen), y), 5)}
+        if self.repair:
+            moe = refit_down(moe, x, y, chosen, self.down_ridge)
+            info["error_after_repair"] = round(relative_error(moe_output(moe, x, chosen), y), 5)
+        return moe, y, info
+
+    def pick_shared(self, ffn: FFNWeights, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared block = the neurons with the largest mean contribution; the rest are routed."""
+        ctx = self.ctx
+        n_shared = min(ctx.shared * ctx.expert_size, ffn.size - ctx.experts)
+        score = (acts.abs().mean(0) * ffn.down.norm(dim=0)) if n_shared else torch.zeros(ffn.size)
+        order = torch.argsort(score, descending=True)
+        return order[:n_shared], order[n_shared:]
+
+    def group(self, ffn: FFNWeights, acts: torch.Tensor, routed: torch.Tensor, layer: int) -> list[torch.Tensor]:
+        """Balanced k-means on contribution patterns: neurons that fire on the same tokens share an expert."""
+        ctx = self.ctx
+        feats = reduce_features(pattern_features(acts[:, routed], ffn.down[:, routed], seed=ctx.seed + layer),
+                                seed=ctx.seed)
+        labels = balanced_kmeans(feats, ctx.experts, capacity=ctx.expert_size, seed=ctx.seed + layer)
+        return [routed[torch.from_numpy(np.flatnonzero(labels == e))] for e in range(ctx.experts)]
+
+    def finish(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"calibration": self.ctx.calibration or "shipped default (mixed)",
+                                "calibration_tokens": self.calibrated_tokens, "sequential": self.sequential,
+                                "repair": self.repair}
+        routed = [e for e in self.errors if e.get("routed")]
+        for key in ("error_oracle", "error_before_repair", "error_after_repair"):
+            values = [e[key] for e in routed if key in e]
+            if values:
+                info[f"mean_{key}"] = round(sum(values) / len(values), 5)
+        return info
+
+
+# Re-exported for the stats-based tests and benches.
+__all__ = ["ActivationsMethod", "NeuronStats", "pattern_features"]

@@ -1,0 +1,49 @@
+"""Training-free routers: linear maps from the FFN input to a score per expert, fitted on calibration data.
+
+The written router is linear and bias-free ([experts, hidden]) because that is all Mixtral and Qwen-MoE
+gates are. Only the ordering of its logits matters (split.py makes the routing weights near-uniform),
+so we fit it by least squares to what we want it to rank: each expert's true output norm on each
+calibration token, the same quantity the oracle router ranks by.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moeify.moe_layer import FFNWeights
+
+
+def expert_output_norms(experts: list[FFNWeights], x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """[tokens, experts]: |expert_e(x_t)|, what an oracle router would rank by."""
+    cols = []
+    for expert in experts:
+        norms = [expert.forward(x[s:s + chunk]).norm(dim=-1) for s in range(0, x.shape[0], chunk)]
+        cols.append(torch.cat(norms))
+    return torch.stack(cols, dim=1)
+
+
+def fit_linear_router(x: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """Least squares W ([experts, hidden]) with x @ W.T ~ targets, ridge-regularised relative to the data scale.
+
+    Targets are centred per token first: a linear router cannot add a bias, and only which experts beat
+    the others at a token matters, not how loud the token is overall.
+    """
+    xd = x.double()
+    t = targets.double()
+    t = t - t.mean(dim=1, keepdim=True)
+    gram = xd.T @ xd
+    lam = ridge * gram.diagonal().mean()
+    w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), xd.T @ t)
+    return unit_spread(w.T.float(), x)
+
+
+def unit_spread(router: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Rescale so logits on the calibration inputs have unit standard deviation (the MoELayer contract)."""
+    std = F.linear(x, router).std()
+    return router / std.clamp_min(1e-12)
+
+
+def oracle_choices(experts: list[FFNWeights], x: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[tokens, top_k]: the experts whose true outputs are largest (the routing ceiling)."""
+    return torch.topk(expert_output_norms(experts, x), top_k, dim=-1).indices
