@@ -139,7 +139,7 @@ def assert_clean_failure(result, output: Path | None = None, code: int = 2,
     return err
 
 
-# --- subprocesses (signals, resource limits) ------------------------------------------------------
+# --- subprocesses (signals, resource limits) ---------------------------------------------------------
 
 DRIVER = Path(__file__).resolve().parent / "interrupt_driver.py"
 
@@ -150,8 +150,56 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_driver(args: list[str], control: Path, pause_at: str = "", **popen) -> subprocess.Popen:
-    """Start `moeify ARGS` under tests/interrupt_driver.py, which can hold the run at a named point."""
-    env = subprocess_env(DRIVER_CONTROL=str(control), DRIVER_PAUSE_AT=pause_at)
-    return subprocess.Popen([sys.executable, str(DRIVER), *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+class Run:
+    """One forked `moeify` run: its pid, signals, and its exit code and output once it ends."""
+
+    def __init__(self, zygote: Zygote, pid: int, stdout: Path, stderr: Path):
+        self.zygote, self.pid, self._stdout, self._stderr = zygote, pid, stdout, stderr
+        self.returncode: int | None = None
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = json.loads(self.zygote.proc.stdout.readline())["exit"]
+        return self.returncode
+
+    @property
+    def stdout(self) -> str:
+        return self._stdout.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self._stderr.read_text()
+
+
+class Zygote:
+    """tests/interrupt_driver.py as a fork server: moeify imported once, each run forked from it."""
+
+    def __init__(self, **env: str):
+        self.proc = subprocess.Popen([sys.executable, str(DRIVER)], cwd=REPO, env=subprocess_env(**env),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.count = 0
+
+    def start(self, args: list, workdir: Path, pause_at: str = "", fsize: int = 0) -> Run:
+        self.count += 1
+        control = workdir / "control"
+        control.mkdir(exist_ok=True)
+        stdout, stderr = workdir / f"run{self.count}.out", workdir / f"run{self.count}.err"
+        job = {"args": [str(a) for a in args], "control": str(control), "pause_at": pause_at,
+               "stdout": str(stdout), "stderr": str(stderr), "fsize": fsize}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        return Run(self, json.loads(self.proc.stdout.readline())["pid"], stdout, stderr)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
