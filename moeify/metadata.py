@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,18 @@ def write_metadata(folder: str | Path, stage: str, record: dict[str, Any], previ
     stages[stage] = {"moeify_version": __version__, "complete": True, **record}
     data = {**{k: v for k, v in (previous or {}).items() if k != "stages"}, **top_level,
             "moeify_version": __version__, "last_stage": stage, "stages": stages}
-    (Path(folder) / METADATA_NAME).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    _write_atomically(Path(folder) / METADATA_NAME, json.dumps(data, indent=2, default=str) + "\n")
     return data
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write beside, then rename: a kill mid-write must not truncate a history that read_metadata would drop."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def stage_record(folder: str | Path, stage: str) -> dict[str, Any] | None:

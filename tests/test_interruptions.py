@@ -187,7 +187,7 @@ def test_no_space_left_at_any_write_is_a_clean_error(model, tmp_path, monkeypatc
         original_write_text = Path.write_text
 
         def write_text(self, *args, **kwargs):
-            if self.name == where and TMP_PREFIX in str(self.parent):
+            if where in self.name and TMP_PREFIX in str(self.parent):  # moeify.json goes via a temp name
                 raise full
             return original_write_text(self, *args, **kwargs)
 
@@ -223,3 +223,22 @@ def test_interrupted_overwrite_keeps_the_old_output(zygote, model, tmp_path):
     assert run.wait() == 130
     assert file_hashes(out) == old
     assert leftovers(out) == ["out"]
+
+
+def test_moeify_json_is_replaced_atomically(tmp_path, monkeypatch):
+    """Stages that add a record to an existing folder (eval) rewrite moeify.json: a failure keeps the old one."""
+    import os
+
+    from moeify.metadata import write_metadata
+
+    write_metadata(tmp_path, "split", {"experts": 4})
+    before = (tmp_path / "moeify.json").read_bytes()
+
+    def no_space(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(OSError):
+        write_metadata(tmp_path, "eval", {"ppl": 1.0}, read_metadata(tmp_path))
+    assert (tmp_path / "moeify.json").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["moeify.json"]
