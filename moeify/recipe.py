@@ -25,6 +25,7 @@ from moeify.stages import MISSING, STAGE_ORDER, STAGES
 
 MAX_RECIPE_BYTES = 256 * 1024
 MAX_NODES = 10_000
+MAX_DEPTH = 32
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
 
@@ -181,9 +182,16 @@ def parse_recipe(text: str, origin: str = "<string>", overrides: list[str] | Non
 def _safe_yaml(text: str, origin: str) -> tuple[Any, dict[tuple, int]]:
     """Parse safely after refusing anchors/aliases and huge node counts; map key paths to lines."""
     try:
-        count = 0
+        count = depth = 0
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             count += 1
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:  # composing is recursive: thousands of `[` exhaust Python's stack
+                    raise InputError(f"{origin}:{event.start_mark.line + 1}: YAML nested more than {MAX_DEPTH} "
+                                     "levels deep", "a recipe is a shallow mapping; is this the right file?")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
                 line = event.start_mark.line + 1
                 raise InputError(f"{origin}:{line}: YAML anchors and aliases (&name, *name) are not "
