@@ -22,9 +22,12 @@ def reduce_features(features: np.ndarray, dims: int = 128, seed: int = 0) -> np.
     features = np.asarray(features, dtype=np.float32)
     if features.shape[1] <= dims:
         return features
+    return (torch.from_numpy(features) @ projection_matrix(features.shape[1], dims, seed)).numpy()
+
+
+def projection_matrix(in_dim: int, dims: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    proj = torch.randn(features.shape[1], dims, generator=g) / dims**0.5
-    return (torch.from_numpy(features) @ proj).numpy()
+    return torch.randn(in_dim, dims, generator=g) / dims**0.5
 
 
 def balanced_assign(distances: np.ndarray, capacity: int) -> np.ndarray:

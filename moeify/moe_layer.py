@@ -33,13 +33,12 @@ class FFNWeights:
         size = size or len(index)
         if len(index) > size:
             raise ValueError(f"{len(index)} neurons do not fit in {size}")
-        hidden = self.gate.shape[1]
-        gate = self.gate.new_zeros(size, hidden)
-        up = self.up.new_zeros(size, hidden)
-        down = self.down.new_zeros(hidden, size)
-        gate[: len(index)] = self.gate[index]
-        up[: len(index)] = self.up[index]
-        down[:, : len(index)] = self.down[:, index]
+        pad = size - len(index)
+        gate, up = self.gate.index_select(0, index), self.up.index_select(0, index)
+        down = self.down.index_select(1, index)
+        if pad:
+            gate, up = F.pad(gate, (0, 0, 0, pad)), F.pad(up, (0, 0, 0, pad))
+            down = F.pad(down, (0, pad))
         return FFNWeights(gate, up, down)
 
     def to(self, dtype: torch.dtype) -> FFNWeights:

@@ -10,16 +10,27 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moeify.cluster import balanced_kmeans, reduce_features
+from moeify.cluster import balanced_kmeans, projection_matrix
 from moeify.methods.base import SplitMethod
 from moeify.moe_layer import FFNWeights, MoELayer, split_by_groups
 
 
-def neuron_features(ffn: FFNWeights) -> np.ndarray:
-    """Each neuron as its normalised gate row, up row and down column, concatenated."""
-    parts = [ffn.gate, ffn.up, ffn.down.T]
-    feats = torch.cat([p / p.norm(dim=1, keepdim=True).clamp_min(1e-12) for p in parts], dim=1)
-    return feats.float().numpy()
+def neuron_features(ffn: FFNWeights, index: torch.Tensor, dims: int = 128, seed: int = 0) -> np.ndarray:
+    """Each neuron as its normalised gate row, up row and down column, concatenated and randomly projected.
+
+    The projection is applied block by block, so the [n, 3*hidden] concatenation (700 MB for a
+    Llama-3-8B layer) is never built.
+    """
+    full = len(index) == ffn.size and bool((index == torch.arange(ffn.size)).all())
+    parts = [ffn.gate, ffn.up, ffn.down.T] if full else [ffn.gate[index], ffn.up[index], ffn.down.T[index]]
+    hidden = parts[0].shape[1]
+    if 3 * hidden <= dims:
+        return torch.cat([p / p.norm(dim=1, keepdim=True).clamp_min(1e-12) for p in parts], dim=1).float().numpy()
+    proj = projection_matrix(3 * hidden, dims, seed)
+    out = torch.zeros(parts[0].shape[0], dims)
+    for i, p in enumerate(parts):  # (p / |p|) @ P == (p @ P) / |p|: no normalised copy of the weights
+        out += (p @ proj[i * hidden:(i + 1) * hidden]) / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return out.numpy()
 
 
 def unit_router(centroids: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
@@ -38,7 +49,7 @@ class WeightsMethod(SplitMethod):
         n_shared = min(ctx.shared * m, ffn.size - experts)  # leave at least one neuron per routed expert
         order = torch.argsort(importance, descending=True)
         shared_idx, routed_idx = order[:n_shared], order[n_shared:]
-        feats = reduce_features(neuron_features(ffn)[routed_idx.numpy()], seed=ctx.seed)
+        feats = neuron_features(ffn, routed_idx, seed=ctx.seed)
         labels = balanced_kmeans(feats, experts, capacity=m, seed=ctx.seed + layer)
         groups = [routed_idx[torch.from_numpy(np.flatnonzero(labels == e))] for e in range(experts)]
         centroids = torch.stack([ffn.gate[g].mean(0) if len(g) else torch.zeros(ffn.gate.shape[1]) for g in groups])
