@@ -6,6 +6,7 @@ Only the CLI imports this module; library code reports through `moeify.progress.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -51,7 +52,7 @@ class Output(Reporter):
     def note(self, message: str) -> None:
         self.notes.append(message)
         if not self.quiet and not self.json_mode:
-            self.err.print(f"[cyan]note:[/] {message}")
+            self.err.print(f"[cyan]note:[/] {redact(message)}")
 
     def status(self, message: str) -> None:
         if not self.quiet and not self.json_mode:
@@ -90,7 +91,15 @@ class Output(Reporter):
 def _escape(text: str) -> str:
     from rich.markup import escape
 
-    return escape(text)
+    return escape(redact(text))
+
+
+_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
+
+
+def redact(text: str) -> str:
+    """Blank out anything shaped like a Hugging Face token: a last guard for messages built from exceptions."""
+    return _TOKEN.sub("hf_***", text)
 
 
 def _fmt(value: Any) -> str:
