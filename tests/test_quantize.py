@@ -214,9 +214,7 @@ def test_routers_and_gates_are_never_quantized_but_gate_proj_is():
     assert classify("model.layers.0.mlp.shared_expert.gate_proj.weight") == "shared_expert"
     assert classify("model.layers.0.self_attn.o_proj.weight") == "attention"
     assert classify("model.layers.0.self_attn.o_proj.weight", experts_only=True) is None
-    assert ROUTER_PATTERN.match("model.layers.0.mlp.gate") and not ROUTER_PATTERN.match(
-        "model.layers.0.mlp.gate_proj"
-    )
+    assert ROUTER_PATTERN.match("model.layers.0.mlp.gate") and not ROUTER_PATTERN.match("model.layers.0.mlp.gate_proj")
 
 
 @pytest.mark.parametrize(
@@ -259,9 +257,7 @@ def test_output_loads_in_transformers_and_matches_dequantized_bf16(models, tmp_p
     quantize_fp8(models[name], out, scheme=scheme)
     got = logits(load_quantized(out, scheme))
     ref = logits(
-        AutoModelForCausalLM.from_pretrained(
-            bf16_reference(out, tmp_path / "ref"), dtype=torch.bfloat16
-        ).eval()
+        AutoModelForCausalLM.from_pretrained(bf16_reference(out, tmp_path / "ref"), dtype=torch.bfloat16).eval()
     )
     # same bf16 weights, same ops: equal up to bf16 reduction-order noise
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
@@ -360,10 +356,7 @@ def test_metadata_config_and_header(models, tmp_path):
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "float-quantized"
     group = qc["config_groups"]["group_0"]
     assert group["weights"]["strategy"] == "channel" and group["input_activations"]["dynamic"] is True
-    assert (
-        "model.layers.0.self_attn.q_proj" in qc["ignore"]
-        and "model.layers.0.mlp.shared_expert_gate" in qc["ignore"]
-    )
+    assert "model.layers.0.self_attn.q_proj" in qc["ignore"] and "model.layers.0.mlp.shared_expert_gate" in qc["ignore"]
     with safe_open(channel / "model.safetensors", "pt") as h:
         assert h.get_slice("model.layers.0.mlp.experts.1.up_proj.weight_scale").get_shape() == [48, 1]
 
@@ -412,9 +405,7 @@ def test_refuses_quantized_and_fused_inputs(models, tmp_path):
         quantize_fp8(fp8, tmp_path / "again")
     fused = tmp_path / "fused"
     fused.mkdir()
-    save_file(
-        {"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(4, 64, 32)}, fused / "model.safetensors"
-    )
+    save_file({"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(4, 64, 32)}, fused / "model.safetensors")
     (fused / "config.json").write_text("{}")
     with pytest.raises(UnsupportedModelError, match="fused experts"):
         quantize_fp8(fused, tmp_path / "out")
@@ -443,9 +434,7 @@ def test_cli(models, tmp_path):
     assert 0.5 < data["quantized_bytes_vs_bf16"] < 0.55  # fp8 values + one float32 scale per 64-wide row
     result = runner.invoke(app, ["quantize", src, "--fp8", "-o", out, "--quiet"])
     assert result.exit_code == 2 and "already exists" in result.output
-    result = runner.invoke(
-        app, ["quantize", src, "--fp8", "-o", out, "--overwrite", "--no-verify", "--quiet"]
-    )
+    result = runner.invoke(app, ["quantize", src, "--fp8", "-o", out, "--overwrite", "--no-verify", "--quiet"])
     assert result.exit_code == 0 and result.stdout == ""
     result = runner.invoke(app, ["quantize", out, "--fp8", "-o", str(tmp_path / "twice")])
     assert result.exit_code == 2 and "already quantized" in result.output
@@ -453,3 +442,45 @@ def test_cli(models, tmp_path):
     assert result.exit_code == 0 and json.loads(result.stdout)["scheme"] == "channel"
     result = runner.invoke(app, ["dequantize", src, "-o", str(tmp_path / "deq2")])
     assert result.exit_code == 2 and "not quantized" in result.output
+
+
+# --- the real SmolLM2-135M ------------------------------------------------------------------------------
+
+
+def _bf16_weights(model):
+    """bf16 weights, float32 compute: the reference the FP8 weights are judged against (CPU bf16 matmuls are slow)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    return model
+
+
+@pytest.mark.slow
+def test_real_model_fp8_perplexity_close_to_bf16(smollm2_dir, shared_text, tmp_path):
+    """SmolLM2-135M, FP8 as transformers loads it (auto = channel: hidden 576 is not a multiple of 128) vs bf16.
+
+    The issue's target is 1%; e4m3 round-to-nearest (the same as llm-compressor's minmax) measured 1.2-1.5% on
+    this small, already 4-bit-trained model (docs/quantize.md), so the assertion is 2.5%: it catches a broken
+    format or scale (a lost or transposed scale costs far more than 100%), not e4m3's own rounding. The split
+    MoE is measured by bench/quantize_bench.py (a split takes minutes on 2 cores, over this test's budget).
+    """
+    from moeify.data import load_tokenizer, tokenize_chunks
+    from tests.reference import perplexity
+
+    tok = load_tokenizer(smollm2_dir)
+    chunks = tokenize_chunks(tok, shared_text("sense_and_sensibility.txt")[100_000:], 256, max_chunks=4)
+    fp8 = tmp_path / "fp8"
+    result = quantize_fp8(smollm2_dir, fp8)
+    assert result.plan.scheme == "channel"
+    assert result.plan.quantized_output_bytes <= 0.52 * sum(
+        2 * t.shape[0] * t.shape[1] for t in result.plan.targets.values()
+    )
+    ref = perplexity(
+        _bf16_weights(AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()), chunks
+    )
+    loaded = AutoModelForCausalLM.from_pretrained(
+        fp8, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    ).eval()
+    got = perplexity(loaded, chunks)
+    print(f"SmolLM2 perplexity bf16 {ref:.4f} fp8 {got:.4f} ({got / ref - 1:+.2%})")
+    assert abs(got / ref - 1) < 0.025, (ref, got)
