@@ -11,7 +11,8 @@ When a run reaches its pause point it creates `<control>/paused` and waits until
 test meanwhile sends SIGINT or SIGKILL, or lets it go on. Nothing here is part of moeify: the pause is
 patched in from outside. Points: `write:N` / `write:last` (before the N-th / the last planned tensor is
 written), `metadata` (before moeify.json is written: every shard is complete), `replace` (the temporary
-folder is finished, before it is renamed into place).
+folder is finished, before it is renamed into place), `track:WORD:N` (before the N-th item of a progress
+loop whose description starts with WORD, e.g. `track:distilling:2`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def install() -> None:
 
     modules = [moeify.split, moeify.quant.quantize]
     try:
+        import transformers  # noqa: F401
+
+        import moeify.finetune.export  # noqa: F401 - imported here once, not in every forked run
         import moeify.finetune.run
 
         modules.append(moeify.finetune.run)
@@ -71,6 +75,17 @@ def install() -> None:
     for module in modules:
         if hasattr(module, "write_metadata"):
             module.write_metadata = write_metadata
+    import moeify.console as console
+
+    original_track = console.Output.track
+
+    def track(self, items, description, total=None, **kwargs):
+        key = description.split()[0].lower()
+        for i, item in enumerate(original_track(self, items, description, total, **kwargs), 1):
+            pause(f"track:{key}:{i}")
+            yield item
+
+    console.Output.track = track
     original_replace = output._replace
 
     def replace(tmp, out):

@@ -242,3 +242,57 @@ def test_moeify_json_is_replaced_atomically(tmp_path, monkeypatch):
         write_metadata(tmp_path, "eval", {"ppl": 1.0}, read_metadata(tmp_path))
     assert (tmp_path / "moeify.json").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["moeify.json"]
+
+
+@pytest.fixture(scope="module")
+def finetune_inputs(model, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A dense model with a tokenizer, its split MoE and a text: what `moeify finetune` needs."""
+    from tests.char_tokenizer import add_char_tokenizer
+
+    root = tmp_path_factory.mktemp("finetune")
+    dense = add_char_tokenizer(Path(shutil.copytree(model, root / "dense")))
+    moe = root / "moe"
+    assert cli("split", dense, "-o", moe, "--experts", "4").exit_code == 0
+    text = root / "text.txt"
+    text.write_text("Elinor, this eldest daughter, possessed a strength of understanding.\n" * 30)
+    return dense, moe, text
+
+
+FINETUNE_POINTS = [("track:distilling:2", signal.SIGINT), ("track:distilling:2", signal.SIGKILL),
+                   ("write:5", signal.SIGKILL)]
+
+
+@pytest.mark.parametrize(("point", "sig"), FINETUNE_POINTS, ids=[f"{p}-{s.name}" for p, s in FINETUNE_POINTS])
+def test_finetune_interrupted_leaves_no_output_and_the_next_run_recovers(zygote, finetune_inputs, tmp_path,
+                                                                         point, sig):
+    dense, moe, text = finetune_inputs
+    before = file_hashes(moe)
+    out = tmp_path / "out"
+    args = ["finetune", moe, "-o", out, "--teacher", dense, "--data", text, "--stage", "2", "--max-steps", "3",
+            "--seq-len", "32", "--batch-size", "2", "--device", "cpu"]
+    run = zygote.start(args, tmp_path, pause_at=point)
+    _wait_paused(run, tmp_path / "control")
+    temporaries = [p for p in tmp_path.iterdir() if p.name.startswith(f"{TMP_PREFIX}out-")]
+    assert len(temporaries) == (0 if point.startswith("track") else 1)
+    run.send_signal(sig)
+    (tmp_path / "control" / "go").touch()  # training stops at the next step boundary after Ctrl-C
+    code, err = run.wait(), run.stderr
+
+    assert not out.exists()
+    assert file_hashes(moe) == before
+    if sig == signal.SIGINT:
+        assert code == 130, err
+        assert err.strip().splitlines()[-1].startswith("error: interrupted"), err
+        assert "Traceback" not in err
+        assert leftovers(out) == []
+    else:
+        assert code == -signal.SIGKILL
+    resume = ["--resume"] if (tmp_path / "out.ckpt" / "state.json").is_file() else []
+    again = cli(*args, *resume)
+    assert again.exit_code == 0, again.stderr
+    if temporaries and sig == signal.SIGKILL:
+        assert f"removed {temporaries[0].name}, left by a killed run" in again.stderr
+    assert leftovers(out) == ["out"]
+    CheckpointReader(out)
+    record = read_metadata(out)["stages"]["finetune"]
+    assert record["complete"] is True and record["steps"] == 3
