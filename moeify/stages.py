@@ -94,6 +94,12 @@ def _split_choices() -> dict[str, tuple[Any, ...]]:
     return {"method": tuple(METHODS), "target": tuple(TARGETS), "dtype": tuple(DTYPES)}
 
 
+def _finetune_choices() -> dict[str, tuple[Any, ...]]:
+    from moeify.finetune.run import DEVICES, STAGES
+
+    return {"stage": STAGES, "device": DEVICES}
+
+
 def _quantize_choices() -> dict[str, tuple[Any, ...]]:
     from moeify.quant.fp8 import SCHEMES
 
@@ -102,7 +108,7 @@ def _quantize_choices() -> dict[str, tuple[Any, ...]]:
 
 STAGES: dict[str, StageDef] = {s.name: s for s in (
     StageDef("split", "moeify split", "moeify.split", ("SplitOptions",), choices=_split_choices),
-    StageDef("finetune", "moeify finetune", "moeify.finetune", ("FinetuneOptions",)),
+    StageDef("finetune", "moeify finetune", "moeify.finetune", ("FinetuneOptions",), choices=_finetune_choices),
     StageDef("quantize", "moeify quantize --fp8", "moeify.quant.quantize", ("quantize_fp8",),
              supplied=frozenset({"input_dir", "output", "overwrite", "reporter"}), choices=_quantize_choices),
     StageDef("eval", "moeify eval", "moeify.evaluate", ("EvalOptions",), produces_model=False,

@@ -1,0 +1,161 @@
+"""`moeify run`: a full recipe on a tiny model, resume after an interrupted stage, dry-run estimates, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moeify.cli import app
+from moeify.errors import UsageError
+from moeify.metadata import read_metadata
+from moeify.pipeline import plan_run, run_recipe
+from moeify.recipe import parse_recipe
+from moeify.recipe_check import check_recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from tests.tiny_models import build
+
+    return build("llama", tmp_path_factory.mktemp("pipeline") / "llama", seed=3)
+
+
+def _recipe(model, out, *overrides, extra: str = ""):
+    text = f"model: {model}\noutput: {out}\nsplit:\n  experts: 4\n  top_k: 4\nquantize:\n  scheme: channel\n{extra}"
+    return parse_recipe(text, "tiny.yaml", list(overrides))
+
+
+def _logits(folder, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_full_run_then_resume_skips_everything(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    recipe = _recipe(tiny_llama, out)
+    result = run_recipe(recipe)
+    assert [s["status"] for s in result["stages"]] == ["ran", "ran"]
+
+    # The split with every expert active is the dense model: the pipeline ran the real stage.
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    dense, moe = _logits(tiny_llama, ids), _logits(out / "split", ids)
+    assert torch.allclose(dense, moe, atol=1e-4, rtol=1e-4), (dense - moe).abs().max()
+
+    for stage in ("split", "quantize"):
+        meta = read_metadata(out / stage)
+        assert meta["stages"][stage]["complete"] is True
+        assert meta["recipe"] == recipe.resolved()
+        assert (out / stage / "recipe.yaml").read_text().startswith("# Resolved from tiny.yaml")
+    assert read_metadata(out / "quantize")["stages"].keys() >= {"split", "quantize"}
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    again = run_recipe(recipe)
+    assert [s["status"] for s in again["stages"]] == ["skipped", "skipped"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == mtimes
+
+
+def test_resume_after_an_interrupted_stage(tiny_llama, tmp_path, monkeypatch):
+    import moeify.quant.quantize as quantize_module
+
+    out = tmp_path / "run"
+    recipe = _recipe(tiny_llama, out)
+    real = quantize_module.ShardedWriter
+
+    class Killed(real):  # dies halfway through writing the quantized shards
+        def write(self, name, tensor):
+            if "layers.1." in name:
+                raise KeyboardInterrupt
+            return super().write(name, tensor)
+
+    monkeypatch.setattr(quantize_module, "ShardedWriter", Killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe)
+    assert (out / "split" / "moeify.json").is_file()
+    assert not (out / "quantize").exists(), "an interrupted stage leaves no output folder"
+    assert [s.state for s in plan_run(recipe)] == ["done", "todo"]
+
+    monkeypatch.setattr(quantize_module, "ShardedWriter", real)
+    split_mtime = (out / "split" / "moeify.json").stat().st_mtime_ns
+    result = run_recipe(recipe)
+    assert [s["status"] for s in result["stages"]] == ["skipped", "ran"]
+    assert (out / "split" / "moeify.json").stat().st_mtime_ns == split_mtime
+    assert read_metadata(out / "quantize")["stages"]["quantize"]["complete"] is True
+
+
+def test_changed_options_redo_only_the_stages_they_affect(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    run_recipe(_recipe(tiny_llama, out))
+    changed = _recipe(tiny_llama, out, "quantize.scheme=tensor")
+    assert [s.state for s in plan_run(changed)] == ["done", "stale"]
+    with pytest.raises(UsageError, match="made with different options"):
+        run_recipe(changed)
+    result = run_recipe(changed, overwrite=True)
+    assert [s["status"] for s in result["stages"]] == ["skipped", "ran"]
+    assert read_metadata(out / "quantize")["stages"]["quantize"]["scheme"] == "tensor"
+    # A split option changes every key after it.
+    assert [s.state for s in plan_run(_recipe(tiny_llama, out, "split.seed=1"))] == ["stale", "stale"]
+
+
+def test_dry_run_estimates_match_the_real_outputs(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    recipe = _recipe(tiny_llama, out, "split.top_k=1")
+    check = check_recipe(recipe)
+    split_est, quant_est = (s.estimate for s in check.steps)
+    assert check.activation_ratio == pytest.approx(0.25)
+    assert not out.exists(), "a dry run writes nothing"
+    run_recipe(recipe)
+    written = {s: read_metadata(out / s)["stages"][s]["output_bytes"] for s in ("split", "quantize")}
+    assert split_est["expected_bytes"] == written["split"]
+    assert quant_est["expected_bytes"] == written["quantize"]
+    assert quant_est["scheme"] == "channel"
+
+
+def test_cli_run_validate_and_dry_run(tiny_llama, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    out = tmp_path / "out"
+    recipe.write_text(f"model: {tiny_llama}\noutput: {out}\nsplit:\n  experts: 4\n  top_k: 2\n")
+    runner = CliRunner()
+    res = runner.invoke(app, ["validate", str(recipe), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["activation_ratio"] == pytest.approx(0.5)
+
+    res = runner.invoke(app, ["run", str(recipe), "--dry-run", "--json", "split.top_k=1"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert plan["activation_ratio"] == pytest.approx(0.25)
+    assert [s["stage"] for s in plan["steps"]] == ["split"] and not out.exists()
+
+    res = runner.invoke(app, ["run", str(recipe), "--json"])
+    assert res.exit_code == 0, res.output
+    assert (out / "split" / "config.json").is_file()
+
+    recipe.write_text(f"model: {tiny_llama}\noutput: {out}\nsplit:\n  experts: 400\n")
+    res = runner.invoke(app, ["validate", str(recipe)])
+    assert res.exit_code == 2
+    assert "400 experts" in res.output and "r.yaml" in res.output
+
+    recipe.write_text(f"model: {tiny_llama}\noutput: {out}\nsplit:\n  top-k: 1\n")
+    res = runner.invoke(app, ["run", str(recipe)])
+    assert res.exit_code == 2
+    assert "r.yaml:4: unknown key split.top-k" in " ".join(res.output.split())
+
+
+def test_cli_recipes_list_show_cp(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["recipes", "list", "--json"])
+    assert res.exit_code == 0, res.output
+    names = [r["name"] for r in json.loads(res.stdout)["recipes"]]
+    assert "qwen3-0.6b-8x2-fp8" in names and len(names) >= 11
+    res = runner.invoke(app, ["recipes", "show", "qwen3-0.6b-8x2-fp8"])
+    assert res.exit_code == 0 and res.stdout.startswith("# Qwen/Qwen3-0.6B")
+    res = runner.invoke(app, ["recipes", "cp", "qwen3-0.6b-8x2-fp8", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "qwen3-0.6b-8x2-fp8.yaml").is_file()
+    res = runner.invoke(app, ["recipes", "cp", "qwen3-0.6b-8x2-fp8", str(tmp_path)])
+    assert res.exit_code == 2
