@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -53,7 +54,8 @@ def finetune(
     from moeify.finetune.data import parse_token_count
     from moeify.finetune.state import TrainingInterrupted
 
-    out = Output(json_mode, quiet)
+    # Under `accelerate launch` every process runs this; only the first one prints.
+    out = Output(json_mode, quiet or os.environ.get("RANK", "0") != "0")
 
     def body():
         from moeify.finetune import FinetuneOptions

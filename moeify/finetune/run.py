@@ -8,6 +8,7 @@ with the input's exact tensor layout and a moeify.json that records the run.
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -72,8 +73,9 @@ def validate_options(o: FinetuneOptions) -> None:
     for flag, value, minimum in checks:
         if value < minimum:
             raise UsageError(f"{flag} must be at least {minimum} (got {value})", f"e.g. {flag} {max(minimum, 8)}")
-    if not o.lr > 0 or not o.router_scale_lr >= 0 or not o.balance_coef >= 0:
-        raise UsageError("--lr must be positive and --balance-coef non-negative", "e.g. --lr 1e-4")
+    finite = all(math.isfinite(v) for v in (o.lr, o.router_scale_lr, o.balance_coef))
+    if not finite or not o.lr > 0 or not o.router_scale_lr >= 0 or not o.balance_coef >= 0:
+        raise UsageError("--lr must be positive and --balance-coef non-negative (finite numbers)", "e.g. --lr 1e-4")
     if o.warmup is not None and o.warmup < 0:
         raise UsageError(f"--warmup must be 0 or more (got {o.warmup})", "e.g. --warmup 20")
 
@@ -235,9 +237,23 @@ def finetune(moe_dir: str | Path, output: str | Path, options: FinetuneOptions |
                           chunks.shape[0], options.batch_size, options.seed, world).global_batch * seq_len)
 
     student = student.to("cpu")
+    diverged = next((n for n, p in student.named_parameters() if not torch.isfinite(p).all()), None)
+    if diverged is not None:  # never publish NaN weights as a finished model
+        raise UsageError(f"training diverged: {diverged} holds NaN or inf values; nothing was written",
+                         "lower --lr (e.g. --lr 1e-4) or --balance-coef and run again")
+    digests = [weights_digest(student)]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        digests = gather_object(digests)
+    record["process_weight_digests"] = digests  # every process must end with the same weights
+    if len(set(digests)) > 1:
+        reporter.note(f"the {world} processes ended with different weights; only process 0's are written")
     scales = _router_scales(student)
     record["router_scales"] = scales
     record["hardware"] = hardware()
+    timings["total"] = round(time.perf_counter() - started, 2)
+    record["timings_s"] = timings
     if accelerator.is_main_process:
         reporter.status(f"writing {output}")
         with atomic_output(output, overwrite,
@@ -249,12 +265,19 @@ def finetune(moe_dir: str | Path, output: str | Path, options: FinetuneOptions |
                 if (moe_dir / name).is_file():
                     shutil.copyfile(moe_dir / name, tmp / name)
             record["copied_files"] = copy_side_files(moe_dir, tmp)
-            timings["total"] = round(time.perf_counter() - started, 2)
-            record["timings_s"] = timings
             write_metadata(tmp, "finetune", record, read_metadata(moe_dir))
         shutil.rmtree(ckpt, ignore_errors=True)
     accelerator.wait_for_everyone()
     return {"output": str(output), **record}
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A short hash of every parameter's bytes: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _split_router_scale(moe_dir: Path) -> float:
