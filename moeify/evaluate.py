@@ -44,9 +44,10 @@ def load_model(folder: Path):
     """Stock transformers, local files only; float32 unless the checkpoint is quantized."""
     from transformers import AutoModelForCausalLM
 
-    from moeify.io.reader import load_json
+    from moeify.io.reader import CheckpointReader, load_json
 
     config = load_json(folder / "config.json", "config.json")
+    CheckpointReader(folder)  # headers and index validated, pickles refused, before transformers reads anything
     dtype = "auto" if config.get("quantization_config") else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True,

@@ -501,3 +501,74 @@ def test_empty_tensor_dtype_bool_and_int_inputs_are_clean_errors(tmp_path):
     out = tmp_path / "out"
     assert_clean_failure(_split(model, out), out)
     assert_clean_failure(_quantize(model, out), out)
+
+
+# --- finetune and eval -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moe_pair(templates, tmp_path_factory) -> tuple[Path, Path, Path]:
+    from tests.char_tokenizer import add_char_tokenizer
+
+    root = tmp_path_factory.mktemp("moe-pair")
+    dense = add_char_tokenizer(Path(shutil.copytree(templates["single"], root / "dense")))
+    moe = root / "moe"
+    assert _split(dense, moe).exit_code == 0
+    text = root / "text.txt"
+    text.write_text("Marianne would have thought herself very inexcusable.\n" * 30)
+    return dense, moe, text
+
+
+FINETUNE_CASES: dict[str, tuple[list[str], str]] = {
+    "no budget": ([], "budget"),
+    "max-steps and tokens": (["--max-steps", "2", "--tokens", "1k"], "both"),
+    "tokens zero": (["--tokens", "0"], "--tokens"),
+    "tokens garbage": (["--tokens", "lots"], "--tokens"),
+    "seq-len zero": (["--max-steps", "2", "--seq-len", "0"], "--seq-len"),
+    "batch-size negative": (["--max-steps", "2", "--batch-size", "-1"], "--batch-size"),
+    "lr zero": (["--max-steps", "2", "--lr", "0"], "--lr"),
+    "lr nan": (["--max-steps", "2", "--lr", "nan"], "--lr"),
+    "lr inf": (["--max-steps", "2", "--lr", "inf"], "--lr"),
+    "balance-coef inf": (["--max-steps", "2", "--balance-coef", "inf"], "--balance-coef"),
+    "lr so large training diverges": (["--max-steps", "2", "--stage", "2", "--lr", "1e30"], "diverged"),
+    "warmup negative": (["--max-steps", "2", "--warmup", "-5"], "--warmup"),
+    "stage 3": (["--max-steps", "2", "--stage", "3"], "--stage"),
+    "device tpu": (["--max-steps", "2", "--device", "tpu"], "--device"),
+    "resume without checkpoint": (["--max-steps", "2", "--resume"], "checkpoint"),
+    "missing data file": (["--max-steps", "2", "--data", "/nonexistent/text.txt"], "text"),
+}
+
+
+@pytest.mark.parametrize("case", list(FINETUNE_CASES))
+def test_bad_finetune_options_are_usage_errors(moe_pair, tmp_path, case):
+    dense, moe, text = moe_pair
+    args, expected = FINETUNE_CASES[case]
+    if "--data" not in args:
+        args = [*args, "--data", str(text)]
+    out = tmp_path / "out"
+    result = cli("finetune", moe, "-o", out, "--teacher", dense, "--device", "cpu", *args) \
+        if "--device" not in args else cli("finetune", moe, "-o", out, "--teacher", dense, *args)
+    assert_clean_failure(result, out, contains=expected)
+
+
+def test_finetune_refuses_dense_inputs_and_outputs_over_the_input(moe_pair, tmp_path):
+    dense, moe, text = moe_pair
+    base = ["--teacher", str(dense), "--data", str(text), "--max-steps", "1", "--device", "cpu"]
+    out = tmp_path / "out"
+    assert_clean_failure(cli("finetune", dense, "-o", out, *base), out, contains="not an MoE")
+    assert_clean_failure(cli("finetune", moe, "-o", moe, *base), contains="is the input")
+    assert_clean_failure(cli("finetune", moe, "-o", moe / "x", *base), contains="inside the input")
+    other = write_checkpoint(tmp_path / "other", config=tiny_config(vocab_size=64),
+                             tensors=tiny_tensors(tiny_config(vocab_size=64)))
+    assert_clean_failure(cli("finetune", moe, "-o", out, *base[2:], "--teacher", other), out, contains="vocab")
+
+
+def test_bad_eval_inputs_are_clean_errors(moe_pair, tmp_path):
+    dense, moe, text = moe_pair
+    assert_clean_failure(cli("eval", moe, "--text", tmp_path / "missing.txt"), contains="text")
+    assert_clean_failure(cli("eval", moe, "--text", text, "--max-chunks", "0"), contains="--max-chunks")
+    assert_clean_failure(cli("eval", moe, "--text", text, "--seq-len", "0"), contains="sequence length")
+    assert_clean_failure(cli("eval", tmp_path / "nope", "--text", text))
+    broken = Path(shutil.copytree(moe, tmp_path / "broken"))
+    _truncate(-64)(broken / SINGLE)
+    assert_clean_failure(cli("eval", broken, "--text", text, "--max-chunks", "1", "--seq-len", "32"))
