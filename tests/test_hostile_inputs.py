@@ -145,7 +145,7 @@ def test_damaged_safetensors_file_is_refused_by_every_command(model, tmp_path, c
     before = file_hashes(model)
     out = tmp_path / "out"
     for result in (_split(model, out), _quantize(model, out), cli("inspect", model),
-                   cli("dequantize", model, "-o", out)):
+                   cli("dequantize", model, "-o", out), cli("push", model, "me/tiny", "--dry-run")):
         err = assert_clean_failure(result, out, contains=expected)
         assert SINGLE in err  # the file is named
     assert file_hashes(model) == before
@@ -213,7 +213,8 @@ def test_inconsistent_index_and_shards_are_refused(sharded, tmp_path, case):
     damage, expected = INDEX_CASES[case]
     damage(sharded)
     out = tmp_path / "out"
-    for result in (_split(sharded, out), _quantize(sharded, out), cli("inspect", sharded)):
+    for result in (_split(sharded, out), _quantize(sharded, out), cli("inspect", sharded),
+                   cli("push", sharded, "me/tiny", "--dry-run")):
         assert_clean_failure(result, out, contains=expected)
 
 
