@@ -296,3 +296,21 @@ def test_finetune_interrupted_leaves_no_output_and_the_next_run_recovers(zygote,
     CheckpointReader(out)
     record = read_metadata(out)["stages"]["finetune"]
     assert record["complete"] is True and record["steps"] == 3
+
+
+def test_halves_of_a_killed_checkpoint_save_are_removed_by_the_next_save(tmp_path):
+    import torch
+
+    from moeify.finetune.state import save_checkpoint
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = dead.stdout.strip()
+    for name in (f".out.ckpt.tmp-{pid}", f".out.ckpt.old-{pid}"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "params.safetensors").write_bytes(b"half")
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    save_checkpoint(tmp_path / "out.ckpt", model, optimizer, {"step": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ckpt"]

@@ -47,6 +47,7 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any]) -> None:
     """Replace the checkpoint at `folder` with the current state (a killed write leaves the old one)."""
+    _remove_stale(folder)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -60,6 +61,16 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
         os.rename(folder, old)
     os.rename(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale(folder: Path) -> None:
+    """Hidden halves of a save that a killed run left behind (its pid is gone): nothing else removes them."""
+    from moeify.io.output import _pid_alive
+
+    for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_state(folder: Path) -> dict[str, Any]:
