@@ -182,3 +182,66 @@ def test_stage1_lowers_reconstruction_error(moes, tmp_path):
     before, after = _layer0_error(moes["mixtral"], moes["dense"], probe), _layer0_error(out, moes["dense"], probe)
     assert after < 0.95 * before, (before, after)
     assert "steps" not in result  # stage 2 did not run
+
+
+def _add_word_tokenizer(folder, text: str) -> None:
+    """A 128-word WordLevel tokenizer (the tiny models have vocab 128) so the CLI can read text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[EOS]": 1}
+    for word in text.split():
+        if len(vocab) < 128 and word not in vocab:
+            vocab[word] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(folder)
+
+
+def test_cli_two_processes_with_accelerate_agree(moes, tmp_path):
+    """`accelerate launch -m moeify finetune` with 2 CPU processes (gloo): same final weights on both."""
+    import shutil
+    import subprocess
+    import sys
+
+    moe = tmp_path / "moe"
+    shutil.copytree(moes["mixtral"], moe)
+    text = " ".join(f"w{i % 97} w{(i * 7) % 89} w{(i * 13) % 83}" for i in range(3000))
+    _add_word_tokenizer(moe, text)
+    data = tmp_path / "text.txt"
+    data.write_text(text)
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MOEIFY_DEBUG": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(29500 + os.getpid() % 1000), "-m", "moeify", "finetune", str(moe), "--teacher", str(moes["dense"]),
+           "--data", str(data), "--max-steps", "3", "--seq-len", "16", "--batch-size", "2", "--stage", "2",
+           "--lr", "1e-3", "--device", "cpu", "-o", str(out), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"process_weight_digests"') == 1, proc.stdout  # only process 0 prints
+    result, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index("{"):])
+    assert result["processes"] == 2
+    digests = result["process_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert result["tokens"] == 3 * 2 * 2 * 16  # steps x processes x batch x seq_len
+    model = _load(out)
+    assert type(model).__name__ == "MixtralForCausalLM"
+    ids = _chunks(2, 8)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_cli_refuses_bad_options(moes, tmp_path):
+    from typer.testing import CliRunner
+
+    from moeify.cli import app
+
+    result = CliRunner().invoke(app, ["finetune", str(moes["mixtral"]), "-o", str(tmp_path / "x"), "--stage", "3",
+                                      "--max-steps", "2"])
+    assert result.exit_code == 2
+    assert "--stage" in result.output
+    result = CliRunner().invoke(app, ["finetune", str(moes["mixtral"]), "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--tokens" in result.output
+    result = CliRunner().invoke(app, ["finetune", str(moes["dense"]), "-o", str(tmp_path / "x"), "--max-steps", "2"])
+    assert result.exit_code == 2 and "moeify split" in result.output

@@ -55,7 +55,8 @@ def finetune(
     from moeify.finetune.state import TrainingInterrupted
 
     # Under `accelerate launch` every process runs this; only the first one prints.
-    out = Output(json_mode, quiet or os.environ.get("RANK", "0") != "0")
+    first = os.environ.get("RANK", "0") == "0"
+    out = Output(json_mode, quiet or not first)
 
     def body():
         from moeify.finetune import FinetuneOptions
@@ -87,6 +88,7 @@ def finetune(
                 rows.append(("expert load vs uniform", f"{s['min_load_vs_uniform']:.2f} .. "
                                                        f"{s['max_load_vs_uniform']:.2f}"))
         rows.append(("time", f"{result['timings_s']['total']:.1f} s"))
-        out.result({k: v for k, v in result.items() if k != "losses"}, title="finetune", rows=rows)
+        if first:
+            out.result({k: v for k, v in result.items() if k != "losses"}, title="finetune", rows=rows)
 
     run_command(out, body)
