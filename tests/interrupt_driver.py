@@ -11,7 +11,8 @@ When a run reaches its pause point it creates `<control>/paused` and waits until
 test meanwhile sends SIGINT or SIGKILL, or lets it go on. Nothing here is part of moeify: the pause is
 patched in from outside. Points: `write:N` / `write:last` (before the N-th / the last planned tensor is
 written), `metadata` (before moeify.json is written: every shard is complete), `replace` (the temporary
-folder is finished, before it is renamed into place), `track:WORD:N` (before the N-th item of a progress
+folder is finished, before it is renamed into place), `exchanged` (right after an --overwrite swapped the
+new output with the old one, before the old one is deleted), `track:WORD:N` (before the N-th item of a progress
 loop whose description starts with WORD, e.g. `track:distilling:2`).
 """
 
@@ -93,6 +94,14 @@ def install() -> None:
         return original_replace(tmp, out)
 
     output._replace = replace
+    original_exchange = output._exchange
+
+    def exchange(a, b):
+        swapped = original_exchange(a, b)
+        pause("exchanged")
+        return swapped
+
+    output._exchange = exchange
 
 
 def run_child(job: dict) -> None:

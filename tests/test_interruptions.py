@@ -314,3 +314,19 @@ def test_halves_of_a_killed_checkpoint_save_are_removed_by_the_next_save(tmp_pat
     optimizer.step()
     save_checkpoint(tmp_path / "out.ckpt", model, optimizer, {"step": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ckpt"]
+
+
+def test_kill_right_after_an_overwrite_swap_leaves_the_new_output_complete(zygote, model, references, tmp_path):
+    """--overwrite swaps old and new in one atomic rename: at no instant is there no (or a mixed) output."""
+    out = tmp_path / "out"
+    shutil.copytree(model, out)
+    run = zygote.start([*_args("split", model, out), "--overwrite"], tmp_path, pause_at="exchanged")
+    _wait_paused(run, tmp_path / "control")
+    run.send_signal(signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL
+    _assert_complete(out, references["split"], "split")
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(f"{TMP_PREFIX}out-")]
+    assert len(stale) == 1 and (stale[0] / "model.safetensors").is_file()  # the old output, hidden
+    again = cli(*_args("split", model, out), "--overwrite")
+    assert again.exit_code == 0 and f"removed {stale[0].name}" in again.stderr
+    assert leftovers(out) == ["out"]

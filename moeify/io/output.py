@@ -125,8 +125,29 @@ def atomic_output(output: str | Path, overwrite: bool = False, on_stale=None) ->
             raise
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def _replace(tmp: Path, output: Path) -> None:
-    """Swap the finished folder into place; an old output is moved aside first and deleted last."""
+    """Swap the finished folder into place; an old output is moved aside first and deleted last.
+
+    Where the kernel can exchange two paths atomically, the old output and the new one trade places in one
+    step, so at every instant `output` is one complete folder; the old one, now at the temporary path, is
+    deleted after (a kill before that leaves it hidden, and the next run removes it as stale).
+    """
+    if output.is_dir() and not output.is_symlink() and _exchange(tmp, output):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     if output.exists() or output.is_symlink():
         old = output.parent / f"{TMP_PREFIX}{output.name}-old-{int(time.time())}"
         os.rename(output, old)
