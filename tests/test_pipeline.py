@@ -159,3 +159,29 @@ def test_cli_recipes_list_show_cp(tmp_path):
     assert (tmp_path / "qwen3-0.6b-8x2-fp8.yaml").is_file()
     res = runner.invoke(app, ["recipes", "cp", "qwen3-0.6b-8x2-fp8", str(tmp_path)])
     assert res.exit_code == 2
+
+
+def test_split_finetune_eval_stages_chain(tiny_llama, tmp_path, shared_text):
+    """finetune reads split's output and eval the finetuned model, against the dense source as baseline."""
+    from tests.char_tokenizer import add_char_tokenizer
+
+    dense = add_char_tokenizer(tiny_llama, copy_to=tmp_path / "dense")
+    text = tmp_path / "text.txt"
+    text.write_text(shared_text("sense_and_sensibility.txt")[:20000])
+    out = tmp_path / "run"
+    recipe = parse_recipe(
+        f"model: {dense}\noutput: {out}\nsplit:\n  experts: 4\n  top_k: 2\n"
+        f"finetune:\n  stage: '1'\n  data: {text}\n  seq_len: 32\n  calibration_tokens: 512\n  router_steps: 3\n"
+        f"  device: cpu\neval:\n  text: {text}\n  seq_len: 32\n  max_chunks: 2\n", "chain.yaml")
+    result = run_recipe(recipe)
+    assert [s["status"] for s in result["stages"]] == ["ran", "ran", "ran"]
+    assert result["final_model"] == str(out / "finetune")
+    evaluated = json.loads((out / "eval" / "eval.json").read_text())
+    assert evaluated["model"] == str(out / "finetune")
+    assert evaluated["perplexity"] > 1 and evaluated["baseline_perplexity"] > 1
+    assert evaluated["activation_ratio"] == pytest.approx(0.5)
+    # The evaluated model carries the numbers, so its model card can show them.
+    assert read_metadata(out / "finetune")["stages"]["eval"]["perplexity"] == evaluated["perplexity"]
+    assert read_metadata(out / "finetune")["stages"]["finetune"]["pipeline_key"] == \
+        plan_run(recipe)[1].key
+    assert [s["status"] for s in run_recipe(recipe)["stages"]] == ["skipped"] * 3
