@@ -5,8 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def add_char_tokenizer(folder: Path, vocab_size: int = 128) -> Path:
-    """Write tokenizer files into `folder`: printable ASCII characters map to ids, anything else to <unk>."""
+def add_char_tokenizer(folder: Path, vocab_size: int = 128, copy_to: Path | None = None) -> Path:
+    """Write tokenizer files into `folder` (or into a copy at `copy_to`, leaving shared fixtures untouched).
+
+    Printable ASCII characters map to ids, anything else to <unk>.
+    """
+    if copy_to is not None:
+        import shutil
+
+        shutil.copytree(folder, copy_to)
+        folder = copy_to
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -70,7 +70,7 @@ def test_neuron_stats_match_direct_computation(tiny_models):
 
 
 def test_calibration_tokens_are_fixed_chunks(tiny_models, tmp_path):
-    folder = add_char_tokenizer(tiny_models["llama"])
+    folder = add_char_tokenizer(tiny_models["llama"], copy_to=tmp_path / "dense")
     text = tmp_path / "calib.txt"
     text.write_text("It is a truth universally acknowledged. " * 100)
     tokens = calibration_tokens(folder, str(text), max_tokens=1000, seq_len=256)

@@ -22,8 +22,9 @@ TEXT = ("Mrs. Dashwood was surprised only for a moment at seeing him; for the en
 
 @pytest.fixture(scope="module")
 def dense_and_moe(tiny_models, tmp_path_factory):
-    folder = add_char_tokenizer(tiny_models["llama"])
-    out = tmp_path_factory.mktemp("eval") / "moe"
+    root = tmp_path_factory.mktemp("eval")
+    folder = add_char_tokenizer(tiny_models["llama"], copy_to=root / "dense")
+    out = root / "moe"
     split_model(folder, out, SplitOptions(experts=4, top_k=2, method="weights", dtype="float32"))
     text = out.parent / "text.txt"
     text.write_text(TEXT)
@@ -69,7 +70,7 @@ def test_load_ratio_and_layer_errors(dense_and_moe):
 
 
 def test_all_experts_reconstruct_exactly(tiny_models, tmp_path):
-    folder = add_char_tokenizer(tiny_models["llama"])
+    folder = add_char_tokenizer(tiny_models["llama"], copy_to=tmp_path / "dense")
     split_model(folder, tmp_path / "moe", SplitOptions(experts=4, top_k=4, method="weights", dtype="float32"))
     text = tmp_path / "t.txt"
     text.write_text(TEXT)

@@ -99,7 +99,7 @@ def _logits(folder, tokens):
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("shared", [0, 1])
 def test_every_method_exact_with_all_experts(tiny_models, tmp_path, method, shared):
-    folder = add_char_tokenizer(tiny_models["llama"])
+    folder = add_char_tokenizer(tiny_models["llama"], copy_to=tmp_path / "dense")
     options = SplitOptions(experts=4, top_k=4, shared=shared, method=method, calibration_tokens=256,
                            dtype="float32")
     split_model(folder, tmp_path / "moe", options)
@@ -110,7 +110,7 @@ def test_every_method_exact_with_all_experts(tiny_models, tmp_path, method, shar
 
 def test_dense_layers_keep_calibration_in_step(tiny_models, tmp_path):
     """A layer kept dense is skipped by build(); the calibration stream must still pass through it."""
-    folder = add_char_tokenizer(tiny_models["llama"])
+    folder = add_char_tokenizer(tiny_models["llama"], copy_to=tmp_path / "dense")
     options = SplitOptions(experts=4, top_k=2, shared=1, method="activations", calibration_tokens=256,
                            dense_layers=[0], dtype="float32")
     result = split_model(folder, tmp_path / "moe", options)
@@ -136,3 +136,13 @@ def test_activations_beats_weights_on_real_model(smollm2_dir, shared_text, tmp_p
         split_model(smollm2_dir, out, SplitOptions(experts=8, top_k=4, method=method, calibration_tokens=2048))
         ppl[method] = evaluate_model(out, EvalOptions(str(text), seq_len=256, max_chunks=2))["perplexity"]
     assert ppl["activations"] * 5 < ppl["weights"], ppl
+
+
+def test_no_tokenizer_falls_back_to_weights_with_a_note(tiny_models, tmp_path):
+    from moeify.progress import RecordingReporter
+
+    reporter = RecordingReporter()
+    result = split_model(tiny_models["llama"], tmp_path / "moe", SplitOptions(experts=4, top_k=2), reporter=reporter)
+    assert result["options"]["method"] == "activations"
+    assert result["method_info"] == {"fallback": "weights", "why": "no tokenizer in the model folder"}
+    assert any("fell back to --method weights" in n for n in reporter.notes)

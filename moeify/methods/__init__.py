@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from moeify.errors import UsageError
-from moeify.methods.base import SplitContext, SplitMethod
 from moeify.methods.activations import ActivationsMethod
+from moeify.methods.base import SplitContext, SplitMethod
 from moeify.methods.weights import WeightsMethod
 
 METHODS: dict[str, type[SplitMethod]] = {"activations": ActivationsMethod, "weights": WeightsMethod}
-DEFAULT_METHOD = "weights"
+DEFAULT_METHOD = "activations"
 
 __all__ = ["METHODS", "DEFAULT_METHOD", "SplitContext", "SplitMethod", "make_method"]
 

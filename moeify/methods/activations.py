@@ -14,6 +14,7 @@ moeify.json.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,9 @@ from moeify.cluster import balanced_kmeans, reduce_features
 from moeify.methods.base import SplitContext, SplitMethod
 from moeify.moe_layer import FFNWeights, MoELayer, split_by_groups
 from moeify.repair import moe_output, refit_down, relative_error
-from moeify.router import expert_output_norms, fit_linear_router, oracle_choices
+from moeify.router import expert_output_norms, fit_linear_router
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 PATTERN_TOKENS = 2048  # tokens whose activation pattern describes a neuron for clustering
 
 
@@ -46,9 +48,20 @@ class ActivationsMethod(SplitMethod):
     repair = True
     router_ridge = 1e-3
     down_ridge = 1e-2
+    fallback: SplitMethod | None = None  # set when the model cannot be calibrated (no tokenizer)
 
     def prepare(self, ctx: SplitContext) -> None:
         super().prepare(ctx)
+        self.fallback = None
+        if not any((Path(ctx.folder) / name).is_file() for name in TOKENIZER_FILES):
+            # A bare checkpoint without tokenizer files cannot be calibrated on text: say so, split data-free.
+            from moeify.methods.weights import WeightsMethod
+
+            ctx.reporter.note("no tokenizer in the model folder, so no calibration: fell back to --method weights "
+                              "(copy the tokenizer files in for data-driven splitting)")
+            self.fallback = WeightsMethod()
+            self.fallback.prepare(ctx)
+            return
         tokens = calibration_tokens(ctx.folder, ctx.calibration, ctx.calibration_tokens)
         ctx.reporter.note(f"calibrating on {tokens.numel()} tokens ({tokens.shape[0]} chunks of {tokens.shape[1]})")
         self.runner = LayerRunner(ctx.folder, ctx.reader, ctx.config, tokens, reporter=ctx.reporter)
@@ -65,6 +78,8 @@ class ActivationsMethod(SplitMethod):
             self.next_layer += 1
 
     def build(self, layer: int, ffn: FFNWeights) -> MoELayer:
+        if self.fallback is not None:
+            return self.fallback.build(layer, ffn)
         self._catch_up(layer)
         x = self.runner.ffn_input(layer)
         self.next_layer = layer + 1
@@ -97,7 +112,7 @@ class ActivationsMethod(SplitMethod):
         moe.router = fit_linear_router(x, norms, self.router_ridge)
         chosen = self.choices(moe, x)
         info = {"routed": True,
-                "error_oracle": round(relative_error(moe_output(moe, x, oracle_choices(moe.experts, x, ctx.top_k)),
+                "error_oracle": round(relative_error(moe_output(moe, x, torch.topk(norms, ctx.top_k, -1).indices),
                                                      y), 5),
                 "error_before_repair": round(relative_error(moe_output(moe, x, chosen), y), 5)}
         if self.repair:
@@ -122,6 +137,8 @@ class ActivationsMethod(SplitMethod):
         return [routed[torch.from_numpy(np.flatnonzero(labels == e))] for e in range(ctx.experts)]
 
     def finish(self) -> dict[str, Any]:
+        if self.fallback is not None:
+            return {"fallback": "weights", "why": "no tokenizer in the model folder"}
         info: dict[str, Any] = {"calibration": self.ctx.calibration or "shipped default (mixed)",
                                 "calibration_tokens": self.calibrated_tokens, "sequential": self.sequential,
                                 "repair": self.repair}
