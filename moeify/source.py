@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,8 +121,10 @@ def gguf_to_safetensors(path: Path, reporter: Reporter = SILENT) -> Source:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
-        raise InputError(f"{path}: transformers cannot read this GGUF file ({e})",
+    except (ValueError, OSError, KeyError, RuntimeError, struct.error, IndexError, EOFError, TypeError,
+            AttributeError, OverflowError) as e:  # a stranger's file: any parse failure is an input problem
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{path}: transformers cannot read this GGUF file ({reason})",
                          "convert it to safetensors with llama.cpp's tools or use the original checkpoint") from e
     if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")

@@ -412,6 +412,29 @@ def test_custom_model_type_with_auto_map_is_refused_without_running_it(model, tm
     assert not marker.exists()
 
 
+# --- GGUF files --------------------------------------------------------------------------------------------
+
+GGUF_CASES: dict[str, bytes] = {
+    "empty": b"",
+    "not GGUF": b"PK\x03\x04" + bytes(range(256)) * 4,
+    "magic only": b"GGUF",
+    "absurd tensor count": b"GGUF" + struct.pack("<IQQ", 3, 2**40, 5) + bytes(300),
+    "key length past the end": b"GGUF" + struct.pack("<IQQQ", 3, 1, 1, 2**50) + b"abc",
+    "version 99": b"GGUF" + struct.pack("<IQQ", 99, 0, 0),
+}
+
+
+@pytest.mark.parametrize("case", list(GGUF_CASES))
+def test_damaged_gguf_is_refused(tmp_path, monkeypatch, case):
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("MOEIFY_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    path.write_bytes(GGUF_CASES[case])
+    out = tmp_path / "out"
+    assert_clean_failure(_split(path, out), out, contains="GGUF")
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
 # --- options --------------------------------------------------------------------------------------
 
 OPTION_CASES: dict[str, tuple[list[str], str]] = {
