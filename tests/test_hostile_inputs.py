@@ -412,6 +412,41 @@ def test_custom_model_type_with_auto_map_is_refused_without_running_it(model, tm
     assert not marker.exists()
 
 
+# --- FP8 checkpoints (dequantize) --------------------------------------------------------------------------
+
+
+def _rewrite(folder: Path, mutate: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    from moeify.io.reader import CheckpointReader
+
+    reader = CheckpointReader(folder)
+    tensors = {n: reader.get(n) for n in reader.names()}
+    mutate(tensors)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    write_checkpoint(folder, tensors, json.loads((folder / "config.json").read_text()))
+
+
+SCALE = "model.layers.0.self_attn.q_proj.weight_scale"
+FP8_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
+    "NaN scale": (lambda t: t[SCALE].view(-1).__setitem__(0, math.nan), SCALE),
+    "inf scale": (lambda t: t[SCALE].view(-1).__setitem__(3, math.inf), SCALE),
+    "NaN code in an FP8 weight": (lambda t: t[SCALE[:-6]].view(torch.uint8).view(-1).__setitem__(5, 0x7F),
+                                  SCALE[:-6]),
+    "scale of the wrong shape": (lambda t: t.__setitem__(SCALE, torch.ones(3, 1)), "weight_scale"),
+    "scale missing": (lambda t: t.pop(SCALE), "weight_scale"),
+}
+
+
+@pytest.mark.parametrize("case", list(FP8_CASES))
+def test_damaged_fp8_checkpoint_is_refused_by_dequantize(templates, tmp_path, case):
+    fp8 = tmp_path / "fp8"
+    assert _quantize(templates["single"], fp8).exit_code == 0
+    damage, expected = FP8_CASES[case]
+    _rewrite(fp8, damage)
+    out = tmp_path / "out"
+    assert_clean_failure(cli("dequantize", fp8, "-o", out), out, contains=expected)
+
+
 # --- GGUF files --------------------------------------------------------------------------------------------
 
 GGUF_CASES: dict[str, bytes] = {

@@ -22,7 +22,7 @@ from moeify.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
 from moeify.metadata import read_metadata, write_metadata
 from moeify.progress import SILENT, Reporter
 from moeify.quant.formats import scheme_from_config
-from moeify.quant.fp8 import BLOCK, FP8_DTYPE, dequantize
+from moeify.quant.fp8 import BLOCK, FP8_DTYPE, check_finite, dequantize
 from moeify.source import copy_side_files
 
 SCALE_NAMES = ("weight_scale_inv", "weight_scale")
@@ -100,10 +100,12 @@ def dequantize_checkpoint(input_dir: str | Path, output: str | Path, overwrite: 
                     writer.write(name, tensor)
                     continue
                 scale = reader.get(scale_name)
+                check_finite(scale_name, scale.float())  # a NaN scale would silently poison a whole block
                 if scale_name.endswith("_inv"):
                     values = dequantize(tensor, scale, "block", block)
                 else:
                     values = dequantize(tensor, _broadcastable_scale(scale, tensor), "channel")
+                check_finite(name, values)  # e4m3 has NaN codes too
                 writer.write(name, values.to(torch.bfloat16))
         out_config = copy.deepcopy(config)
         out_config.pop("quantization_config", None)
