@@ -185,3 +185,29 @@ def test_split_finetune_eval_stages_chain(tiny_llama, tmp_path, shared_text):
     assert read_metadata(out / "finetune")["stages"]["finetune"]["pipeline_key"] == \
         plan_run(recipe)[1].key
     assert [s["status"] for s in run_recipe(recipe)["stages"]] == ["skipped"] * 3
+
+
+def test_push_stage_uploads_the_last_model_with_the_recipe_in_its_card(tiny_llama, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from tests.hub_server import FakeHub
+
+    token = "hf_PIPELINEtoken0123456789"
+    server = FakeHub(token).start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
+        out = tmp_path / "run"
+        recipe = _recipe(tiny_llama, out, extra="push:\n  repo_id: me/tiny-moe-fp8\n")
+        result = run_recipe(recipe, token=token)
+        assert [s["stage"] for s in result["stages"]] == ["split", "quantize", "push"]
+        files = server.files("me/tiny-moe-fp8")
+        assert files["model.safetensors"] == (out / "quantize" / "model.safetensors").read_bytes()
+        card = files["README.md"].decode()
+        assert "Recipe" in card and f"output: {out}" in card
+        assert token.encode() not in b"".join(files.values())
+        assert read_metadata(out / "push")["stages"]["push"]["repo_id"] == "me/tiny-moe-fp8"
+    finally:
+        server.stop()
