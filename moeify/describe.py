@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from moeify.arch import MOE_MODEL_TYPES, SOURCES, source_family
-from moeify.errors import MoeifyError
+from moeify.arch.base import require_int
+from moeify.errors import InputError, MoeifyError
 from moeify.io.reader import CheckpointReader, load_json
 from moeify.metadata import read_metadata
 
@@ -32,7 +33,7 @@ def describe(folder: str | Path) -> dict[str, Any]:
     if isinstance(quant, dict):
         info["quantization"] = {k: quant.get(k) for k in ("quant_method", "fmt", "format", "weight_block_size")
                                 if quant.get(k) is not None}
-    if model_type in MOE_MODEL_TYPES:
+    if isinstance(model_type, str) and model_type in MOE_MODEL_TYPES:
         info.update(_describe_moe(config, reader, ffn_params))
     else:
         info["kind"] = "dense"
@@ -56,16 +57,22 @@ def describe(folder: str | Path) -> dict[str, Any]:
 
 
 def _describe_moe(config: dict[str, Any], reader: CheckpointReader, ffn_params: int) -> dict[str, Any]:
-    experts = config.get("num_local_experts") or config.get("num_experts")
-    top_k = config.get("num_experts_per_tok")
-    size = config.get("moe_intermediate_size") or config.get("intermediate_size")
-    shared_size = config.get("shared_expert_intermediate_size", 0) or 0
-    layers = config.get("num_hidden_layers") or 0
-    dense_layers = list(config.get("mlp_only_layers") or [])
-    hidden = config.get("hidden_size") or 0
+    # A stranger's config: every number used below is checked to be an integer in range first.
+    experts = require_int(config, "num_local_experts" if "num_local_experts" in config else "num_experts")
+    top_k = require_int(config, "num_experts_per_tok", maximum=experts)
+    size = require_int(config, "moe_intermediate_size" if config.get("moe_intermediate_size") is not None
+                       else "intermediate_size")
+    shared_size = (require_int(config, "shared_expert_intermediate_size", minimum=0)
+                   if config.get("shared_expert_intermediate_size") is not None else 0)
+    layers = require_int(config, "num_hidden_layers", maximum=10_000)
+    dense_layers = config.get("mlp_only_layers") or []
+    if not isinstance(dense_layers, list) or not all(isinstance(i, int) and 0 <= i < layers for i in dense_layers):
+        raise InputError(f"config.json: mlp_only_layers must list layer indices below {layers}",
+                         "the config is corrupt")
+    hidden = require_int(config, "hidden_size")
     per_neuron = 3 * hidden
     moe_layers = layers - len(dense_layers)
-    dense_size = config.get("intermediate_size") or 0
+    dense_size = require_int(config, "intermediate_size") if dense_layers else 0
     total = per_neuron * (moe_layers * (experts * size + shared_size) + len(dense_layers) * dense_size)
     active = per_neuron * (moe_layers * (top_k * size + shared_size) + len(dense_layers) * dense_size)
     return {

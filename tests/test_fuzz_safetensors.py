@@ -188,3 +188,26 @@ def test_generated_options_plan_or_fail_with_a_usage_error(config_model, experts
         return
     assert 1 <= plan.target_plan.top_k <= plan.target_plan.experts
     assert plan.target_plan.expert_size >= 1
+
+
+MOE_KEYS = ["model_type", "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+            "intermediate_size", "shared_expert_intermediate_size", "num_hidden_layers", "mlp_only_layers",
+            "hidden_size", "quantization_config", "tie_word_embeddings", "architectures"]
+
+
+@FUZZ
+@given(changes=st.dictionaries(st.sampled_from(MOE_KEYS), st.one_of(st.just(None), config_values),
+                               min_size=1, max_size=5),
+       moe_type=st.sampled_from(["mixtral", "qwen2_moe", "qwen3_moe", "llama"]))
+def test_inspect_describes_or_refuses_any_config(config_model, changes, moe_type):
+    from moeify.describe import describe
+
+    config = tiny_config(model_type=moe_type, num_local_experts=4, num_experts_per_tok=2)
+    config.update(changes)
+    (config_model / "config.json").write_text(json.dumps(config))
+    try:
+        info = describe(config_model)
+    except MoeifyError as e:
+        assert e.exit_code == 2 and "\n" not in e.message
+        return
+    json.dumps(info, default=str)  # what --json prints
