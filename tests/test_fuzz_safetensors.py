@@ -211,3 +211,36 @@ def test_inspect_describes_or_refuses_any_config(config_model, changes, moe_type
         assert e.exit_code == 2 and "\n" not in e.message
         return
     json.dumps(info, default=str)  # what --json prints
+
+
+@pytest.fixture(scope="module")
+def fp8_model(work, config_model) -> Path:
+    from moeify.quant.quantize import quantize_fp8
+
+    (config_model / "config.json").write_text(json.dumps(tiny_config()))
+    out = work / "fp8"
+    quantize_fp8(config_model, out, scheme="block", verify=False)
+    return out
+
+
+quant_configs = st.fixed_dictionaries({}, optional={
+    "quant_method": st.one_of(st.sampled_from(["fp8", "compressed-tensors", "gptq"]), json_values),
+    "fmt": st.one_of(st.just("e4m3"), json_values),
+    "format": st.one_of(st.just("float-quantized"), json_values),
+    "activation_scheme": st.one_of(st.just("dynamic"), json_values),
+    "weight_block_size": st.one_of(st.lists(small_ints, max_size=3), json_values),
+    "config_groups": json_values, "ignore": json_values, "modules_to_not_convert": json_values})
+
+
+@settings(FUZZ, max_examples=100)
+@given(qc=st.one_of(quant_configs, json_values))
+def test_dequantize_reads_or_refuses_any_quantization_config(work, fp8_model, qc):
+    from moeify.quant.dequantize import dequantize_checkpoint
+
+    config = json.loads((fp8_model / "config.json").read_text())
+    config["quantization_config"] = qc
+    (fp8_model / "config.json").write_text(json.dumps(config))
+    try:
+        dequantize_checkpoint(fp8_model, work / "dequantized", overwrite=True)
+    except MoeifyError as e:
+        assert e.exit_code in (1, 2) and "\n" not in e.message

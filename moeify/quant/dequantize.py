@@ -43,6 +43,10 @@ class DequantizeResult:
 
 
 def _plan(reader: CheckpointReader, config: dict) -> tuple[str, int, dict[str, str], list[TensorSpec]]:
+    qc = config.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise InputError(f"{reader.folder}: config.json quantization_config must be an object, not "
+                         f"{type(qc).__name__}", "the config is corrupt")
     scheme = scheme_from_config(config)
     if scheme is None:
         if not config.get("quantization_config"):
@@ -54,7 +58,12 @@ def _plan(reader: CheckpointReader, config: dict) -> tuple[str, int, dict[str, s
                                     "moeify dequantizes block FP8 (quant_method fp8) and compressed-tensors "
                                     "float-quantized checkpoints")
     block_size = config["quantization_config"].get("weight_block_size") or [BLOCK, BLOCK]
-    if scheme == "block" and (len(block_size) != 2 or block_size[0] != block_size[1]):
+    if scheme == "block" and (not isinstance(block_size, list) or len(block_size) != 2
+                              or not all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 16
+                                         for b in block_size)):
+        raise InputError(f"{reader.folder}: weight_block_size {block_size!r} is not two positive integers",
+                         "the config is corrupt")
+    if scheme == "block" and block_size[0] != block_size[1]:
         raise UnsupportedModelError(f"{reader.folder}: block size {block_size} is not square",
                                     "moeify reads square FP8 blocks only")
     pairs: dict[str, str] = {}
