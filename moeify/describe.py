@@ -51,7 +51,7 @@ def describe(folder: str | Path) -> dict[str, Any]:
     if meta["stages"]:
         info["moeify_stages"] = list(meta["stages"])
         split = meta["stages"].get("split", {})
-        if "activation_ratio" in split:
+        if isinstance(split, dict) and "activation_ratio" in split:
             info["activation_ratio_vs_dense"] = split["activation_ratio"]
     return info
 

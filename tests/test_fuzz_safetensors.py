@@ -244,3 +244,34 @@ def test_dequantize_reads_or_refuses_any_quantization_config(work, fp8_model, qc
         dequantize_checkpoint(fp8_model, work / "dequantized", overwrite=True)
     except MoeifyError as e:
         assert e.exit_code in (1, 2) and "\n" not in e.message
+
+
+metadata_values = st.recursive(
+    st.one_of(json_scalars, st.sampled_from(["split", "quantize", "finetune", "eval", "mixtral", "block"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(
+        ["split", "quantize", "finetune", "eval", "source", "options", "experts", "top_k", "id", "kind",
+         "activation_ratio", "scheme", "perplexity", "texts", "license", "revision", "metrics", "layers",
+         "complete", "moeify_version", "architecture", "target"]), inner, max_size=5)), max_leaves=20)
+
+
+@settings(FUZZ, max_examples=100)
+@given(stages=st.one_of(metadata_values, st.dictionaries(st.sampled_from(["split", "quantize", "finetune", "eval"]),
+                                                          metadata_values, max_size=4)),
+       extra=st.dictionaries(st.sampled_from(["last_stage", "moeify_version", "recipe"]), metadata_values))
+def test_push_plans_a_card_or_refuses_for_any_moeify_json(work, config_model, stages, extra):
+    """moeify.json travels with checkpoints from others; inspect and the model card must never crash on it."""
+    from moeify.describe import describe
+    from moeify.hub import plan_push
+
+    (config_model / "config.json").write_text(json.dumps(tiny_config()))
+    (config_model / "moeify.json").write_text(json.dumps({**extra, "stages": stages}))
+    try:
+        json.dumps(describe(config_model), default=str)
+        try:
+            plan = plan_push(config_model, "me/tiny")
+        except MoeifyError as e:
+            assert "\n" not in e.message
+            return
+        assert plan.card
+    finally:
+        (config_model / "moeify.json").unlink()
