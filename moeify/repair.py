@@ -32,23 +32,37 @@ def active_mask(choices: torch.Tensor, sizes: list[int], experts: int) -> torch.
     return torch.repeat_interleave(onehot, torch.tensor(sizes), dim=1)
 
 
-def moe_output(moe: MoELayer, x: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
-    """The layer's sum-semantics output for given routing choices ([tokens, top_k])."""
+def moe_output(moe: MoELayer, x: torch.Tensor, choices: torch.Tensor, feats: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """The layer's sum-semantics output for given routing choices ([tokens, top_k]).
+
+    `feats` may pass the joined activations (see `joined_activations`) when they are already known.
+    """
     joined, sizes = neuron_blocks(moe)
-    return (ffn_activations(joined, x) * active_mask(choices, sizes, len(moe.experts))) @ joined.down.T
+    feats = ffn_activations(joined, x) if feats is None else feats
+    return (feats * active_mask(choices, sizes, len(moe.experts))) @ joined.down.T
+
+
+def joined_activations(acts: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """The split layer's neuron activations gathered from the dense ones (layout: dense index or -1 for padding).
+
+    Splitting only regroups neurons, so this is exact and saves recomputing gate and up projections.
+    """
+    return acts[:, layout.clamp_min(0)] * (layout >= 0).to(acts.dtype)
 
 
 def refit_down(moe: MoELayer, x: torch.Tensor, target: torch.Tensor, choices: torch.Tensor,
-               ridge: float = 1e-2, chunk: int = 4096) -> MoELayer:
+               ridge: float = 1e-2, chunk: int = 4096, feats: torch.Tensor | None = None) -> MoELayer:
     """A copy of `moe` whose down projections minimise |output - target|^2 + ridge-pull to the old ones."""
     joined, sizes = neuron_blocks(moe)
     n = joined.size
     gram = torch.zeros(n, n, dtype=torch.float64)
     rhs = torch.zeros(n, target.shape[1], dtype=torch.float64)
     for s in range(0, x.shape[0], chunk):
-        feats = ffn_activations(joined, x[s:s + chunk]) * active_mask(choices[s:s + chunk], sizes, len(moe.experts))
-        gram += (feats.T @ feats).double()  # float32 products, float64 sums: 2x faster, same solution
-        rhs += (feats.T @ target[s:s + chunk]).double()
+        f = ffn_activations(joined, x[s:s + chunk]) if feats is None else feats[s:s + chunk]
+        f = f * active_mask(choices[s:s + chunk], sizes, len(moe.experts))
+        gram += (f.T @ f).double()  # float32 products, float64 sums: 2x faster, same solution
+        rhs += (f.T @ target[s:s + chunk]).double()
     old = joined.down.T.double()
     lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
     new = torch.linalg.solve(gram + lam * torch.eye(n, dtype=gram.dtype), rhs + lam * old).T.float()

@@ -47,7 +47,7 @@ class SplitOptions:
     dense_layers: list[int] = field(default_factory=list)
     router_logit_std: float = 1e-5
     calibration: str | None = None
-    calibration_tokens: int = 8192
+    calibration_tokens: int = 4096
     dtype: str = "auto"
     seed: int = 0
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
@@ -104,7 +104,7 @@ def validate_options(options: SplitOptions, intermediate: int, layers: int) -> N
     if bad:
         raise UsageError(f"--dense-layers {bad} are outside 0..{layers - 1}", "give layer indices of this model")
     if o.calibration_tokens < 1:
-        raise UsageError("--calibration-tokens must be positive", "e.g. --calibration-tokens 8192")
+        raise UsageError("--calibration-tokens must be positive", "e.g. --calibration-tokens 4096")
 
 
 def expert_size_for(intermediate: int, experts: int, shared: int, pad_to: int) -> int:

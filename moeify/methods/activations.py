@@ -24,11 +24,12 @@ from moeify.calibrate import LayerRunner, NeuronStats, calibration_tokens, ffn_a
 from moeify.cluster import balanced_kmeans, reduce_features
 from moeify.methods.base import SplitContext, SplitMethod
 from moeify.moe_layer import FFNWeights, MoELayer, split_by_groups
-from moeify.repair import moe_output, refit_down, relative_error
-from moeify.router import expert_output_norms, fit_linear_router
+from moeify.repair import joined_activations, moe_output, refit_down, relative_error
+from moeify.router import fit_linear_router
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 PATTERN_TOKENS = 2048  # tokens whose activation pattern describes a neuron for clustering
+ERROR_TOKENS = 2048  # calibration tokens on which the per-layer errors reported in moeify.json are measured
 
 
 def pattern_features(acts: torch.Tensor, down: torch.Tensor, tokens: int = PATTERN_TOKENS, seed: int = 0
@@ -85,9 +86,10 @@ class ActivationsMethod(SplitMethod):
         self.next_layer = layer + 1
         moe, y, info = self.split_layer(layer, ffn, x)
         if self.sequential and info.get("routed"):
-            self.runner.advance(moe_output(moe, x, self.choices(moe, x)))
+            self.runner.advance(moe_output(moe, x, self.choices(moe, x), feats=self._feats))
         else:
             self.runner.advance(y)
+        self._feats = None
         moe.info.update(info)
         self.errors.append({"layer": layer, **info})
         return moe
@@ -108,16 +110,21 @@ class ActivationsMethod(SplitMethod):
         if ctx.top_k >= experts:
             moe.router = torch.eye(experts, ffn.gate.shape[1])  # any order: every expert runs
             return moe, y, {"routed": False}
-        norms = expert_output_norms(moe.experts, x)
+        feats = joined_activations(acts, _layout(groups, shared_idx, m, ctx.shared * m))
+        del acts
+        norms = torch.stack([feats[:, e * m:(e + 1) * m] @ moe.experts[e].down.T for e in range(experts)],
+                            dim=1).norm(dim=-1)  # [tokens, experts]: each expert's true output norm
         moe.router = fit_linear_router(x, norms, self.router_ridge)
         chosen = self.choices(moe, x)
+        probe = slice(0, ERROR_TOKENS)  # errors on a sample: the numbers, not the fit, are what this costs
+        oracle = torch.topk(norms[probe], ctx.top_k, dim=-1).indices
         info = {"routed": True,
-                "error_oracle": round(relative_error(moe_output(moe, x, torch.topk(norms, ctx.top_k, -1).indices),
-                                                     y), 5),
-                "error_before_repair": round(relative_error(moe_output(moe, x, chosen), y), 5)}
+                "error_oracle": _err(moe, x[probe], oracle, feats[probe], y[probe]),
+                "error_before_repair": _err(moe, x[probe], chosen[probe], feats[probe], y[probe])}
         if self.repair:
-            moe = refit_down(moe, x, y, chosen, self.down_ridge)
-            info["error_after_repair"] = round(relative_error(moe_output(moe, x, chosen), y), 5)
+            moe = refit_down(moe, x, y, chosen, self.down_ridge, feats=feats)
+            info["error_after_repair"] = _err(moe, x[probe], chosen[probe], feats[probe], y[probe])
+        self._feats = feats  # reused by build() for the sequential stream
         return moe, y, info
 
     def pick_shared(self, ffn: FFNWeights, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,6 +155,18 @@ class ActivationsMethod(SplitMethod):
             if values:
                 info[f"mean_{key}"] = round(sum(values) / len(values), 5)
         return info
+
+
+def _layout(groups: list[torch.Tensor], shared: torch.Tensor, size: int, shared_size: int) -> torch.Tensor:
+    """Dense neuron index of every neuron of the split layer, in MoELayer order (-1 marks padding)."""
+    parts = [torch.cat([g.long(), torch.full((size - len(g),), -1, dtype=torch.long)]) for g in groups]
+    if shared_size:
+        parts.append(torch.cat([shared.long(), torch.full((shared_size - len(shared),), -1, dtype=torch.long)]))
+    return torch.cat(parts)
+
+
+def _err(moe: MoELayer, x: torch.Tensor, choices: torch.Tensor, feats: torch.Tensor, y: torch.Tensor) -> float:
+    return round(relative_error(moe_output(moe, x, choices, feats=feats), y), 5)
 
 
 # Re-exported for the stats-based tests and benches.

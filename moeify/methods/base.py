@@ -33,7 +33,7 @@ class SplitContext:
     seed: int
     reporter: Reporter
     calibration: str | None = None
-    calibration_tokens: int = 8192
+    calibration_tokens: int = 4096
     dense_layers: tuple[int, ...] = ()
 
 
