@@ -91,7 +91,7 @@ class Output(Reporter):
 def _escape(text: str) -> str:
     from rich.markup import escape
 
-    return escape(redact(text))
+    return escape(redact(" ".join(text.splitlines())))  # an error is one line, whatever an exception says
 
 
 _TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{8,}")

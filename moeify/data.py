@@ -127,4 +127,8 @@ def load_tokenizer(folder: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"{folder}: no usable tokenizer ({e})", "copy the tokenizer files into the folder") from e
+        if "trust_remote_code" in str(e):
+            raise InputError(f"{folder}: the tokenizer needs custom code (auto_map), which moeify never runs",
+                             "use a checkpoint with a standard tokenizer (tokenizer.json)") from e
+        reason = " ".join(str(e).split())
+        raise InputError(f"{folder}: no usable tokenizer ({reason})", "copy the tokenizer files into the folder") from e

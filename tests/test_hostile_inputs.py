@@ -393,7 +393,9 @@ def test_auto_map_code_is_never_executed(model, tmp_path):
     marker = tmp_path / "MARKER-remote-code"
     _with_remote_code(model, marker)
     moe, fp8 = tmp_path / "moe", tmp_path / "fp8"
-    assert _split(model, moe).exit_code == 0
+    # The data-driven default method needs the tokenizer, which here exists only as custom code: refused.
+    assert_clean_failure(_split(model, moe), moe, contains="custom code")
+    assert _split(model, moe, "--method", "weights").exit_code == 0
     assert "auto_map" not in json.loads((moe / "config.json").read_text())
     assert not list(moe.glob("*.py"))
     assert _quantize(moe, fp8).exit_code == 0
