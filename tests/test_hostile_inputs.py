@@ -574,7 +574,7 @@ def moe_pair(templates, tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("moe-pair")
     dense = add_char_tokenizer(Path(shutil.copytree(templates["single"], root / "dense")))
     moe = root / "moe"
-    assert _split(dense, moe).exit_code == 0
+    assert _split(dense, moe, "--method", "weights").exit_code == 0
     text = root / "text.txt"
     text.write_text("Marianne would have thought herself very inexcusable.\n" * 30)
     return dense, moe, text

@@ -252,7 +252,7 @@ def finetune_inputs(model, tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("finetune")
     dense = add_char_tokenizer(Path(shutil.copytree(model, root / "dense")))
     moe = root / "moe"
-    assert cli("split", dense, "-o", moe, "--experts", "4").exit_code == 0
+    assert cli("split", dense, "-o", moe, "--experts", "4", "--method", "weights").exit_code == 0
     text = root / "text.txt"
     text.write_text("Elinor, this eldest daughter, possessed a strength of understanding.\n" * 30)
     return dense, moe, text

@@ -75,7 +75,7 @@ def test_token_in_no_artifact_of_split_quantize_inspect_and_dry_run_push(dense, 
     moe, moe_json, fp8 = tmp_path / "moe", tmp_path / "moe-json", tmp_path / "fp8"
     traces.folders += [moe, moe_json, fp8]
     traces.run("split", dense, "-o", moe, "--experts", "4", "--token", TOKEN)
-    traces.run("split", dense, "-o", moe_json, "--experts", "4", "--token", TOKEN, "--json")
+    traces.run("split", dense, "-o", moe_json, "--experts", "4", "--method", "weights", "--token", TOKEN, "--json")
     traces.run("quantize", moe, "--fp8", "-o", fp8)
     traces.run("quantize", moe, "--fp8", "-o", fp8, "--overwrite", "--json")
     traces.run("inspect", fp8)
@@ -132,7 +132,7 @@ def test_token_in_no_artifact_of_a_push_to_a_local_hub(dense, tmp_path, monkeypa
         traces = Traces()
         moe = tmp_path / "moe"
         traces.folders.append(moe)
-        traces.run("split", dense, "-o", moe, "--experts", "4")
+        traces.run("split", dense, "-o", moe, "--experts", "4", "--method", "weights")
         traces.run("push", moe, "me/tiny-moe", "--token", TOKEN)
         traces.run("push", moe, "me/tiny-moe", "--json")  # token from HF_TOKEN
         traces.run("push", moe, "me/tiny-moe", "--token", "hf_WRONGtoken0123456789", ok=False)
@@ -153,8 +153,8 @@ def test_token_in_no_artifact_of_a_push_to_a_local_hub(dense, tmp_path, monkeypa
 def test_token_in_no_artifact_of_a_recipe_run(dense, tmp_path, token_env):
     out = tmp_path / "run"
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model: {dense}\noutput: {out}\nsplit:\n  experts: 4\n  top_k: 2\nquantize:\n"
-                      f"  scheme: channel\n")
+    recipe.write_text(f"model: {dense}\noutput: {out}\nsplit:\n  experts: 4\n  top_k: 2\n  method: weights\n"
+                      "quantize:\n  scheme: channel\n")
     traces = Traces()
     traces.folders.append(out)
     traces.run("run", recipe, "--token", TOKEN)
@@ -168,7 +168,7 @@ def test_token_in_no_artifact_of_finetune_and_eval(dense, text, tmp_path, token_
     moe, ft, log = tmp_path / "moe", tmp_path / "ft", tmp_path / "train.jsonl"
     traces = Traces()
     traces.folders += [moe, ft]
-    traces.run("split", dense, "-o", moe, "--experts", "4", "--token", TOKEN)
+    traces.run("split", dense, "-o", moe, "--experts", "4", "--method", "weights", "--token", TOKEN)
     traces.run("finetune", moe, "-o", ft, "--teacher", dense, "--data", text, "--max-steps", "2", "--stage", "2",
                "--seq-len", "32", "--batch-size", "2", "--log-file", log, "--device", "cpu")
     traces.run("eval", ft, "--baseline", dense, "--text", text, "--seq-len", "32", "--max-chunks", "1", "--json")
@@ -198,13 +198,14 @@ def test_remote_code_never_runs_in_eval_finetune_or_a_recipe(dense, text, tmp_pa
     evil = Path(shutil.copytree(dense, tmp_path / "evil"))
     _with_remote_code(evil, marker)
     moe, ft = tmp_path / "moe", tmp_path / "ft"
-    results = [cli("split", evil, "-o", moe, "--experts", "4")]
+    results = [cli("split", evil, "-o", moe, "--experts", "4", "--method", "weights")]
     _with_remote_code(moe, marker)  # a downloaded MoE with the same trap
     results.append(cli("eval", moe, "--baseline", evil, "--text", text, "--seq-len", "32", "--max-chunks", "1"))
     results.append(cli("finetune", moe, "-o", ft, "--teacher", evil, "--data", text, "--max-steps", "1",
                        "--stage", "2", "--seq-len", "32", "--batch-size", "2", "--device", "cpu"))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model: {evil}\noutput: {tmp_path / 'run'}\nsplit:\n  experts: 4\n  top_k: 2\n")
+    recipe.write_text(f"model: {evil}\noutput: {tmp_path / 'run'}\nsplit:\n  experts: 4\n  top_k: 2\n"
+                      "  method: weights\n")
     results.append(cli("run", recipe))
     results.append(cli("inspect", moe))
     assert not marker.exists()
