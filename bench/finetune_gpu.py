@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=None, help="default 16 on CUDA, 4 on CPU")
     ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--calibration-tokens", type=int, default=None, help="stage 1 (default 65536 CUDA, 8192 CPU)")
+    ap.add_argument("--calibration-tokens", type=int, default=None, help="stage 1 (default 16384 CUDA, 8192 CPU)")
     ap.add_argument("--eval-chunks", type=int, default=None, help="default 64 on CUDA, 8 on CPU")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/moeify-finetune-bench"))
     ap.add_argument("--out", type=Path, default=None)
@@ -55,7 +55,7 @@ def main() -> None:
     device = "cuda" if cuda else "cpu"
     budgets = args.budgets or ([2_000_000, 10_000_000] if cuda else [8192])
     batch = args.batch_size or (16 if cuda else 4)
-    calib = args.calibration_tokens or (65536 if cuda else 8192)
+    calib = args.calibration_tokens or (16384 if cuda else 8192)  # stage 1 runs the teacher on the CPU
     n_eval = args.eval_chunks or (64 if cuda else 8)
 
     from transformers import AutoModelForCausalLM
