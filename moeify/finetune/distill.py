@@ -190,7 +190,7 @@ def distill(model: torch.nn.Module, teacher: torch.nn.Module, chunks: torch.Tens
     with _StopFlag() as stop:
         for step in _track(reporter, range(start, cfg.steps), "Distilling", cfg.steps - start,
                            lambda: live["text"]):
-            if stop.requested:
+            if _stop_everywhere(stop.requested, accelerator):
                 save(step)
                 raise TrainingInterrupted(
                     f"interrupted at step {step} of {cfg.steps}; resumable checkpoint saved in {checkpoint} "
@@ -242,6 +242,14 @@ def distill(model: torch.nn.Module, teacher: torch.nn.Module, chunks: torch.Tens
         resumed_from=resumed_from, peak_memory_bytes=peak)
     accelerator.wait_for_everyone()
     return accelerator.unwrap_model(model), result
+
+
+def _stop_everywhere(requested: bool, accelerator) -> bool:
+    """All processes must stop at the same step (saving waits for everyone), so agree on the flag."""
+    if accelerator.num_processes == 1:
+        return requested
+    flag = torch.tensor([1.0 if requested else 0.0], device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() > 0
 
 
 def group_lr(optimizer) -> float:
