@@ -229,6 +229,7 @@ VARIANTS = {
     "no-repair": {"repair": False},
     "down-ridge-1e-3": {"down_ridge": 1e-3},
     "down-ridge-1e-1": {"down_ridge": 1e-1},
+    "down-ridge-1": {"down_ridge": 1.0},
     "router-ridge-1e-1": {"router_ridge": 1e-1},
     "weights-grouping": {"grouping": "weights"},
 }
@@ -252,7 +253,7 @@ def screen(argv: list[str]) -> None:
     reader = CheckpointReader(folder)
     options = SplitOptions(experts=experts, top_k=top_k, shared=shared)
     tp = plan_split(folder, options).target_plan
-    layers = list(range(0, len(xs), 3))
+    layers = list(range(0, len(xs), int(os.environ.get("BENCH_LAYER_STEP", "3"))))
     for name in names:
         attrs = dict(VARIANTS[name])
         grouping = attrs.pop("grouping", "patterns")

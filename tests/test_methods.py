@@ -133,7 +133,7 @@ def test_activations_beats_weights_on_real_model(smollm2_dir, shared_text, tmp_p
     ppl = {}
     for method in ("activations", "weights"):
         out = tmp_path / method
-        split_model(smollm2_dir, out, SplitOptions(experts=8, top_k=4, method=method, calibration_tokens=2048))
+        split_model(smollm2_dir, out, SplitOptions(experts=8, top_k=4, method=method, calibration_tokens=1024))
         ppl[method] = evaluate_model(out, EvalOptions(str(text), seq_len=256, max_chunks=2))["perplexity"]
     assert ppl["activations"] * 5 < ppl["weights"], ppl
 
