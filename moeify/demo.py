@@ -53,8 +53,11 @@ def find_smollm2_gguf() -> Path:
 
 
 def run_demo(output: str | Path = DEFAULT_OUTPUT, overwrite: bool = False, reporter: Reporter = SILENT,
-             max_chunks: int = MAX_CHUNKS) -> dict[str, Any]:
-    """Convert, split, quantize (a resumable recipe run), then compare dense, MoE and FP8 side by side."""
+             max_chunks: int = MAX_CHUNKS, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Convert, split, quantize (a resumable recipe run), then compare dense, MoE and FP8 side by side.
+
+    `overrides` are extra recipe overrides after the demo's own (tests use them to shrink the run).
+    """
     from moeify.data import packaged_text
     from moeify.evaluate import EvalOptions, evaluate_model
     from moeify.pipeline import run_recipe
@@ -66,7 +69,8 @@ def run_demo(output: str | Path = DEFAULT_OUTPUT, overwrite: bool = False, repor
     output = Path(output).expanduser()
     if overwrite and output.exists():
         _remove_demo_folder(output)
-    recipe = load_recipe(find_recipe(DEMO_RECIPE), [f"model={gguf}", f"output={output}", *DEMO_OVERRIDES])
+    recipe = load_recipe(find_recipe(DEMO_RECIPE), [f"model={gguf}", f"output={output}", *DEMO_OVERRIDES,
+                                                       *(overrides or [])])
     run = run_recipe(recipe, reporter=reporter)
 
     dense = resolve_source(gguf, reporter=reporter).folder  # cached by the split stage's conversion

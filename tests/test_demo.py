@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 from typer.testing import CliRunner
@@ -36,18 +37,35 @@ def test_overwrite_never_deletes_a_foreign_folder(tmp_path):
     assert (tmp_path / "mine" / "thesis.tex").is_file()
 
 
+def test_cli_renders_the_comparison_table(monkeypatch, tmp_path):
+    import moeify.demo
+
+    rows = [{"name": "dense SmolLM2-135M", "folder": "d", "bytes_on_disk": 538_000_000, "activation_ratio": 1.0,
+             "perplexity": 40.0},
+            {"name": "MoE 8 experts, top-2", "folder": "m", "bytes_on_disk": 539_000_000, "activation_ratio": 0.25,
+             "perplexity": 300.0},
+            {"name": "MoE + FP8 (reloaded)", "folder": "f", "bytes_on_disk": 221_000_000, "activation_ratio": 0.25,
+             "perplexity": 310.0}]
+    fake = {"output": str(tmp_path), "recipe": "r.yaml", "run": {}, "eval_text": "t.txt", "eval_tokens": 2048,
+            "rows": rows, "seconds": 1.0}
+    monkeypatch.setattr(moeify.demo, "run_demo", lambda *a, **k: fake)
+    res = CliRunner().invoke(app, ["demo", "-o", str(tmp_path)], env={"COLUMNS": "120"})
+    assert res.exit_code == 0, res.output
+    assert "MoE + FP8 (reloaded)" in res.stdout and "7.75x" in res.stdout and "221 MB" in res.stdout
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_resumes(tmp_path, smollm2_dir):
-    import json
+    """The real path on SmolLM2, shrunk (2048 calibration tokens, 2 eval chunks) to fit the test budget."""
+    from moeify.demo import run_demo
 
     assert smollm2_gguf() is not None
     out = tmp_path / "demo"
-    res = CliRunner().invoke(app, ["demo", "-o", str(out), "--json"])
-    assert res.exit_code == 0, res.output
-    result = json.loads(res.stdout)
+    small = ["split.calibration_tokens=2048"]
+    result = run_demo(out, max_chunks=2, overrides=small)
     dense, moe, fp8 = result["rows"]
     assert [s["status"] for s in result["run"]["stages"]] == ["ran", "ran"]
-    assert dense["activation_ratio"] == 1.0 and moe["activation_ratio"] < 0.6
+    assert dense["activation_ratio"] == 1.0 and moe["activation_ratio"] == pytest.approx(0.25)
     assert fp8["bytes_on_disk"] < 0.5 * moe["bytes_on_disk"], "FP8 of a float32 split is under half its size"
     # A real, trained model: the dense perplexity on the novel is that of a language model, not of noise.
     assert 5 < dense["perplexity"] < 100
@@ -57,6 +75,5 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, smollm2_dir):
     meta = json.loads((out / "quantize" / "moeify.json").read_text())
     assert meta["recipe"]["model"].endswith(".gguf") and meta["stages"]["quantize"]["complete"]
 
-    again = CliRunner().invoke(app, ["demo", "-o", str(out), "--json"])
-    assert again.exit_code == 0, again.output
-    assert [s["status"] for s in json.loads(again.stdout)["run"]["stages"]] == ["skipped", "skipped"]
+    again = run_demo(out, max_chunks=2, overrides=small)
+    assert [s["status"] for s in again["run"]["stages"]] == ["skipped", "skipped"]
