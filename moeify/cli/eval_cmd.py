@@ -23,7 +23,7 @@ def eval_command(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per chunk.")] = 512,
     max_chunks: Annotated[int | None, typer.Option("--max-chunks", help="Score at most this many chunks.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of expert load per layer and a "
-                                              "perplexity bar chart (needs moeify[plot]).")] = None,
+                                              "perplexity bar chart (needs matplotlib).")] = None,
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
