@@ -184,6 +184,22 @@ def test_stage1_lowers_reconstruction_error(moes, tmp_path):
     assert "steps" not in result  # stage 2 did not run
 
 
+def test_lora_with_attention_and_checkpointing_merges_into_stock_layout(moes, tmp_path):
+    out = tmp_path / "lora"
+    chunks = _chunks(16, 6)
+    finetune(moes["qwen2_moe"], out, _options(moes, max_steps=3, lora=4, attention_lora=True,
+                                              gradient_checkpointing=True, lr=1e-2), chunks=chunks)
+    a, b = CheckpointReader(moes["qwen2_moe"]), CheckpointReader(out)
+    assert a.names() == b.names()  # merged: no adapter tensors, same layout
+    changed = {n for n in a.names() if not torch.equal(a.get(n), b.get(n))}
+    assert any("self_attn.q_proj.weight" in n for n in changed)
+    assert any(".experts.0.down_proj" in n for n in changed)
+    assert any("shared_expert.up_proj" in n for n in changed)
+    assert not any("norm" in n or "embed" in n for n in changed)
+    with torch.no_grad():
+        assert torch.isfinite(_load(out)(chunks[:2]).logits).all()
+
+
 def _add_word_tokenizer(folder, text: str) -> None:
     """A 128-word WordLevel tokenizer (the tiny models have vocab 128) so the CLI can read text."""
     from tokenizers import Tokenizer, models, pre_tokenizers
