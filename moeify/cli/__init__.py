@@ -27,4 +27,19 @@ from moeify.cli import (  # noqa: E402,F401
 
 
 def main() -> None:
+    _quiet_third_party_progress()
     app()
+
+
+def _quiet_third_party_progress() -> None:
+    """transformers' and huggingface_hub's own tqdm bars would interleave with ours (and ignore --quiet)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
