@@ -139,8 +139,8 @@ def perplexities(f32: Path, work: Path, chunks_n: int, seq_len: int) -> dict:
     Both sides run in float32 compute (CPU bf16 matmuls are slow); "bf16" means the projections FP8 quantizes
     are rounded to bf16 and everything else is exactly what the FP8 checkpoint keeps, so the gap is the cost of
     FP8 over bf16 for those weights alone. The FP8 side is loaded by transformers itself
-    (CompressedTensorsConfig(dequantize=True)). The split is evaluated with top-2 routing as written and with
-    all 8 experts on (same weights, `num_experts_per_tok` = 8), the latter being exactly the dense function.
+    (CompressedTensorsConfig(dequantize=True)). The split is evaluated with top-2 routing (untrained routers:
+    a model far from dense quality) and as a top-8-of-8 split, which computes exactly the dense function.
     """
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
@@ -155,11 +155,8 @@ def perplexities(f32: Path, work: Path, chunks_n: int, seq_len: int) -> dict:
     if not split.exists():
         split_model(f32, split, SplitOptions(experts=8, top_k=2, target="mixtral"))
     top8 = work / "smollm2-moe-top8-f32"
-    if not top8.exists():
-        subprocess.run(["cp", "-r", str(split), str(top8)], check=True)
-        config = json.loads((top8 / "config.json").read_text())
-        config["num_experts_per_tok"] = 8
-        (top8 / "config.json").write_text(json.dumps(config, indent=2))
+    if not top8.exists():  # a split made for top-8 (editing top-k in a top-2 split's config is not the same)
+        split_model(f32, top8, SplitOptions(experts=8, top_k=8, target="mixtral"))
     out = {"chunks": chunks_n, "seq_len": seq_len, "tokens": int(chunks.numel())}
     for label, folder in (("dense", f32), ("moe_top2", split), ("moe_top8", top8)):
         fp8 = work / f"ppl-{label}-fp8"
