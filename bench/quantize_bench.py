@@ -133,7 +133,8 @@ def to_bf16(src: Path, dst: Path) -> Path:
     return dst
 
 
-def perplexities(f32: Path, work: Path, chunks_n: int, seq_len: int) -> dict:
+def perplexities(f32: Path, work: Path, chunks_n: int, seq_len: int,
+                 variants: tuple[str, ...] = ("dense", "moe_top2", "moe_top8")) -> dict:
     """FP8 vs bf16 perplexity on Sense and Sensibility, dense SmolLM2 and its 8-expert Mixtral split.
 
     Both sides run in float32 compute (CPU bf16 matmuls are slow); "bf16" means the projections FP8 quantizes
@@ -152,13 +153,15 @@ def perplexities(f32: Path, work: Path, chunks_n: int, seq_len: int) -> dict:
     text = (REPO.parent / "shared" / "data" / "sense_and_sensibility.txt").read_text()
     chunks = tokenize_chunks(load_tokenizer(f32), text[100_000:], seq_len, max_chunks=chunks_n)
     split = work / "smollm2-moe-f32"
-    if not split.exists():
+    if not split.exists() and "moe_top2" in variants:
         split_model(f32, split, SplitOptions(experts=8, top_k=2, target="mixtral"))
     top8 = work / "smollm2-moe-top8-f32"
-    if not top8.exists():  # a split made for top-8 (editing top-k in a top-2 split's config is not the same)
+    if not top8.exists() and "moe_top8" in variants:  # a split made for top-8 (editing top-k in a top-2 split's config is not the same)
         split_model(f32, top8, SplitOptions(experts=8, top_k=8, target="mixtral"))
     out = {"chunks": chunks_n, "seq_len": seq_len, "tokens": int(chunks.numel())}
     for label, folder in (("dense", f32), ("moe_top2", split), ("moe_top8", top8)):
+        if label not in variants:
+            continue
         fp8 = work / f"ppl-{label}-fp8"
         subprocess.run(["rm", "-rf", str(fp8)], check=True)
         result = quantize_fp8(folder, fp8)
@@ -204,6 +207,7 @@ def main() -> None:
     ap.add_argument("--perplexity", action="store_true", help="only measure FP8 vs bf16 perplexity")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--variants", nargs="+", default=["dense", "moe_top2", "moe_top8"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO),
@@ -213,7 +217,8 @@ def main() -> None:
         from moeify.source import resolve_source
         from tests.conftest import smollm2_gguf
 
-        result = perplexities(resolve_source(smollm2_gguf()).folder, args.work, args.chunks, args.seq_len)
+        result = perplexities(resolve_source(smollm2_gguf()).folder, args.work, args.chunks, args.seq_len,
+                              tuple(args.variants))
         (args.work / "perplexity.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
         return
