@@ -156,7 +156,8 @@ def perplexities(f32: Path, work: Path, chunks_n: int, seq_len: int,
     if not split.exists() and "moe_top2" in variants:
         split_model(f32, split, SplitOptions(experts=8, top_k=2, target="mixtral"))
     top8 = work / "smollm2-moe-top8-f32"
-    if not top8.exists() and "moe_top8" in variants:  # a split made for top-8 (editing top-k in a top-2 split's config is not the same)
+    # a split made for top-8: editing top-k in a top-2 split's config is not the same model
+    if not top8.exists() and "moe_top8" in variants:
         split_model(f32, top8, SplitOptions(experts=8, top_k=8, target="mixtral"))
     out = {"chunks": chunks_n, "seq_len": seq_len, "tokens": int(chunks.numel())}
     for label, folder in (("dense", f32), ("moe_top2", split), ("moe_top8", top8)):
