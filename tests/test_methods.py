@@ -108,12 +108,17 @@ def test_every_method_exact_with_all_experts(tiny_models, tmp_path, method, shar
     assert (dense - moe).abs().max() <= 1e-4 * dense.abs().max()
 
 
-def test_dense_layers_keep_calibration_in_step(tiny_models, tmp_path):
-    """A layer kept dense is skipped by build(); the calibration stream must still pass through it."""
+def test_dense_layers_keep_calibration_in_step(tiny_models, tmp_path, monkeypatch):
+    """A layer kept dense is skipped by build(); the calibration stream must still pass through it.
+
+    Runs with sequential compensation on, so that path (split layer outputs feed the next layer) is covered.
+    """
+    monkeypatch.setattr(ActivationsMethod, "sequential", True)
     folder = add_char_tokenizer(tiny_models["llama"], copy_to=tmp_path / "dense")
     options = SplitOptions(experts=4, top_k=2, shared=1, method="activations", calibration_tokens=256,
                            dense_layers=[0], dtype="float32")
     result = split_model(folder, tmp_path / "moe", options)
+    assert result["method_info"]["sequential"] is True
     assert result["layers"][0]["dense"] and result["layers"][1]["routed"]
     assert result["layers"][1]["error_after_repair"] <= result["layers"][1]["error_before_repair"]
 
