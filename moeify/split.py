@@ -107,9 +107,16 @@ def validate_options(options: SplitOptions, intermediate: int, layers: int) -> N
         raise UsageError("--calibration-tokens must be positive", "e.g. --calibration-tokens 4096")
 
 
+# transformers 5 runs experts through grouped matmuls that need 16-byte-aligned rows: an expert of 171
+# neurons loads but fails at the first forward ("strides should be multiple of 16 bytes"). Eight
+# neurons keep every dtype down to 16 bits aligned, for at most 7 zero neurons per expert.
+MIN_EXPERT_ALIGN = 8
+
+
 def expert_size_for(intermediate: int, experts: int, shared: int, pad_to: int) -> int:
     size = math.ceil(intermediate / (experts + shared))
-    return math.ceil(size / pad_to) * pad_to
+    align = math.lcm(pad_to, MIN_EXPERT_ALIGN)
+    return math.ceil(size / align) * align
 
 
 def plan_split(model: str | Path, options: SplitOptions, reporter: Reporter = SILENT, revision: str | None = None,
