@@ -21,6 +21,7 @@ from moeify import __version__
 from moeify.arch import TargetArch, TargetPlan, source_family, target_arch
 from moeify.arch.base import CARRIED_KEYS, IGNORED_KEYS, require_int
 from moeify.errors import InputError, UsageError
+from moeify.io.checks import require_finite as check_finite
 from moeify.io.output import atomic_output, check_output_path
 from moeify.io.reader import CheckpointReader, load_json
 from moeify.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
@@ -244,13 +245,6 @@ def _carried(reader: CheckpointReader, target: TargetArch, name: str) -> TensorS
 def _ffn_specs(names, size: int, hidden: int, dtype: torch.dtype) -> list[TensorSpec]:
     return [TensorSpec(names.gate, dtype, (size, hidden)), TensorSpec(names.up, dtype, (size, hidden)),
             TensorSpec(names.down, dtype, (hidden, size))]
-
-
-def check_finite(name: str, tensor: torch.Tensor) -> None:
-    """One float64 sum: NaN and inf propagate, finite 16/32-bit weights cannot overflow it; no mask allocated."""
-    if tensor.is_floating_point() and tensor.numel() and not torch.isfinite(tensor.sum(dtype=torch.float64)):
-        bad = "NaN" if torch.isnan(tensor).any() else "inf"
-        raise InputError(f"tensor {name} contains {bad} values", "the checkpoint is corrupt; re-download it")
 
 
 def split_model(model: str | Path, output: str | Path, options: SplitOptions | None = None, *,

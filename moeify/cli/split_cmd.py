@@ -32,7 +32,8 @@ def split(
                                                      "keep dense (qwen2_moe/qwen3_moe targets).")] = None,
     calibration: Annotated[str | None, typer.Option("--calibration", help="Text file, folder or hf:DATASET for "
                                                     "data-driven methods (default: shipped mixed text).")] = None,
-    calibration_tokens: Annotated[int, typer.Option("--calibration-tokens", help="Calibration tokens (512-token chunks).")] = 4096,
+    calibration_tokens: Annotated[int, typer.Option("--calibration-tokens",
+                                                    help="Calibration tokens (512-token chunks).")] = 4096,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (source), bfloat16, float16 or float32.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed for clustering.")] = 0,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of MODEL.")] = None,
