@@ -70,10 +70,11 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, smollm2_dir):
     # A real, trained model: the dense perplexity on the novel is that of a language model, not of noise.
     assert 5 < dense["perplexity"] < 100
     assert moe["perplexity"] > dense["perplexity"]
-    # FP8 read back from disk is a working model of the same kind: measured here (2048 calibration tokens,
-    # 2 chunks) MoE 672 -> FP8 1041, so FP8 costs this repaired split far more than the +0.7% seen on a
-    # top-8 split (docs/quantize.md); the bound only guards against a broken reload (uniform = 49152).
-    assert moe["perplexity"] <= fp8["perplexity"] * 1.05 and fp8["perplexity"] < 3 * moe["perplexity"]
+    # FP8 read back from disk is a working model of the same kind. On this untrained top-2 split, 2 chunks,
+    # FP8 rounding moves perplexity a lot in either direction (measured: 672 -> 1041 under load, 3103 ->
+    # 1901 on an idle machine), far more than the +0.7% on a top-8 split (docs/quantize.md); so the bound
+    # only guards against a broken reload (NaN, or near-uniform predictions: 49152).
+    assert moe["perplexity"] / 3 < fp8["perplexity"] < 3 * moe["perplexity"]
     meta = json.loads((out / "quantize" / "moeify.json").read_text())
     assert meta["recipe"]["model"].endswith(".gguf") and meta["stages"]["quantize"]["complete"]
 
