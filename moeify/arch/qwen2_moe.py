@@ -15,7 +15,18 @@ from moeify.arch.base import FFNNames, SourceFamily, TargetArch, TargetPlan
 from moeify.errors import UnsupportedModelError
 
 
-class Qwen2Moe(TargetArch):
+class QwenMoeNames(TargetArch):
+    """Tensor names shared by Qwen2-MoE and Qwen3-MoE: `mlp.gate` router, `mlp.experts.{j}.*_proj`."""
+
+    def router_name(self, layer: int) -> str:
+        return f"model.layers.{layer}.mlp.gate.weight"
+
+    def expert_names(self, layer: int, expert: int) -> FFNNames:
+        p = f"model.layers.{layer}.mlp.experts.{expert}."
+        return FFNNames(p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight")
+
+
+class Qwen2Moe(QwenMoeNames):
     name = "qwen2_moe"
     architecture = "Qwen2MoeForCausalLM"
     model_type = "qwen2_moe"
@@ -49,12 +60,6 @@ class Qwen2Moe(TargetArch):
             config["sliding_window"] = None
         return config
 
-    def router_name(self, layer: int) -> str:
-        return f"model.layers.{layer}.mlp.gate.weight"
-
-    def expert_names(self, layer: int, expert: int) -> FFNNames:
-        p = f"model.layers.{layer}.mlp.experts.{expert}."
-        return FFNNames(p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight")
 
     def shared_names(self, layer: int) -> FFNNames | None:
         p = f"model.layers.{layer}.mlp.shared_expert."

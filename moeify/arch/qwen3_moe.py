@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeify.arch.base import FFNNames, SourceFamily, TargetArch, TargetPlan
+from moeify.arch.base import SourceFamily, TargetPlan
+from moeify.arch.qwen2_moe import QwenMoeNames
 from moeify.errors import UnsupportedModelError
 
 
-class Qwen3Moe(TargetArch):
+class Qwen3Moe(QwenMoeNames):
     name = "qwen3_moe"
     architecture = "Qwen3MoeForCausalLM"
     model_type = "qwen3_moe"
@@ -31,10 +32,3 @@ class Qwen3Moe(TargetArch):
             max_window_layers=dense.get("max_window_layers", dense["num_hidden_layers"]),
         )
         return config
-
-    def router_name(self, layer: int) -> str:
-        return f"model.layers.{layer}.mlp.gate.weight"
-
-    def expert_names(self, layer: int, expert: int) -> FFNNames:
-        p = f"model.layers.{layer}.mlp.experts.{expert}."
-        return FFNNames(p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight")
