@@ -156,7 +156,7 @@ CACHE = Path("/tmp/moeify-quality-cache")
 def cached_inputs(folder: Path, calibration: str | None, tokens: int) -> list[torch.Tensor]:
     """Dense FFN inputs of every layer on the calibration tokens, computed once per (text, tokens)."""
     CACHE.mkdir(exist_ok=True)
-    name = CACHE / f"x-{'pp' if calibration else 'mixed'}-{tokens}.pt"
+    name = CACHE / f"x-{'pp' if calibration else 'mixed'}-{tokens}-spread.pt"  # chunks spread over the text
     if name.exists():
         return torch.load(name)
     from moeify.calibrate import calibration_tokens
@@ -193,7 +193,7 @@ def grid(argv: list[str]) -> None:
     if not os.environ.get("BENCH_SKIP_DENSE"):
         print(json.dumps({"config": "dense", **{k: round(perplexity(model, v), 3) for k, v in sets.items()},
                           "eval_s": round(time.perf_counter() - t, 1)}), flush=True)
-    xs = None if sequential else [x[: tokens] for x in cached_inputs(folder, calib, 8192 if calib else tokens)]
+    xs = None if sequential else cached_inputs(folder, calib, tokens)
     for experts, top_k, shared in configs:
         for method in methods:
             t = time.perf_counter()
@@ -248,7 +248,7 @@ def screen(argv: list[str]) -> None:
     folder = smollm2_folder()
     experts, top_k, shared = parse_config(argv[0])
     names = argv[1].split(",") if len(argv) > 1 else list(VARIANTS)
-    xs = [x[:4096] for x in cached_inputs(folder, str(DATA / "pride_and_prejudice.txt"), 8192)]
+    xs = cached_inputs(folder, str(DATA / "pride_and_prejudice.txt"), 4096)
     ho = heldout_inputs(folder, 2048)
     reader = CheckpointReader(folder)
     options = SplitOptions(experts=experts, top_k=top_k, shared=shared)

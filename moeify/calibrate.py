@@ -48,7 +48,7 @@ def calibration_tokens(folder: Path, spec: str | None, max_tokens: int, seq_len:
 
     tokenizer = load_tokenizer(folder)
     seq_len = min(seq_len, max_tokens)
-    return tokenize_chunks(tokenizer, load_text(spec), seq_len, max_tokens=max_tokens)
+    return tokenize_chunks(tokenizer, load_text(spec), seq_len, max_tokens=max_tokens, spread=True)
 
 
 class LayerRunner:

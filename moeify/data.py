@@ -95,18 +95,23 @@ def needs_bos(tokenizer) -> bool:
 
 
 def tokenize_chunks(tokenizer, text: str, seq_len: int, max_tokens: int | None = None,
-                    max_chunks: int | None = None) -> torch.Tensor:
+                    max_chunks: int | None = None, spread: bool = False) -> torch.Tensor:
     """Tokenize once and cut into fixed, non-overlapping chunks of `seq_len` ([n, seq_len] int64).
 
     A BOS token starts every chunk when the tokenizer uses one. The tail shorter than a chunk is dropped,
     so perplexities of different models on the same text are always over identical tokens.
+    When fewer chunks are wanted than the text holds, the first ones are taken, unless `spread`: then
+    they are evenly spaced over the whole text. Calibration and training need that, because a corpus is
+    often several texts one after another (the shipped mixed calibration is a novel, then Wikipedia) and
+    its first 4096 tokens would all come from the first one.
     """
     if seq_len < 2:
         raise InputError(f"sequence length {seq_len} is too short", "use at least 2 tokens")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = needs_bos(tokenizer)
     body = seq_len - 1 if bos else seq_len
-    n = len(ids) // body
+    available = len(ids) // body
+    n = available
     if max_tokens is not None:
         n = min(n, max(1, max_tokens // seq_len))
     if max_chunks is not None:
@@ -114,7 +119,11 @@ def tokenize_chunks(tokenizer, text: str, seq_len: int, max_tokens: int | None =
     if n == 0:
         raise InputError(f"the text has {len(ids)} tokens, fewer than one chunk of {seq_len}",
                          "give more text or a shorter --seq-len")
-    chunks = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
+    chunks = torch.tensor(ids[: available * body], dtype=torch.long).view(available, body)
+    if spread and n < available:
+        chunks = chunks[torch.linspace(0, available - 1, n).round().long()]
+    else:
+        chunks = chunks[:n]
     if bos:
         chunks = torch.cat([torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long), chunks], dim=1)
     return chunks

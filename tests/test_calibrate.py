@@ -77,3 +77,19 @@ def test_calibration_tokens_are_fixed_chunks(tiny_models, tmp_path):
     assert tokens.shape == (3, 256)
     default = calibration_tokens(folder, None, max_tokens=512, seq_len=128)  # shipped mixed text
     assert default.shape == (4, 128)
+
+
+def test_calibration_chunks_span_the_whole_corpus(tiny_models, tmp_path):
+    """A corpus of two texts back to back: a small token budget still samples both, evenly."""
+    folder = add_char_tokenizer(tiny_models["llama"], copy_to=tmp_path / "dense")
+    text = tmp_path / "two-texts.txt"
+    text.write_text("a" * 4000 + "b" * 4000)
+    tokens = calibration_tokens(folder, str(text), max_tokens=4 * 100, seq_len=100)
+    ids = {int(v) for v in tokens.unique()}
+    assert tokens.shape == (4, 100) and len(ids) == 2  # both letters, not just the first text's
+    assert (tokens[:2] == tokens[0, 0]).all() and (tokens[2:] == tokens[-1, -1]).all()  # 2 chunks from each
+
+    default = calibration_tokens(folder, None, max_tokens=2 * 128, seq_len=128)  # shipped: a novel, then Wikipedia
+    assert not torch.equal(default[0], default[-1])
+    whole = calibration_tokens(folder, None, max_tokens=10**9, seq_len=128)
+    assert torch.equal(default[0], whole[0]) and torch.equal(default[-1], whole[-1])  # first and last chunk

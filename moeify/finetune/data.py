@@ -20,7 +20,7 @@ def load_chunks(spec: str | None, tokenizer, seq_len: int, max_tokens: int | Non
     """[chunks, seq_len] int64 token ids of a text file, folder or hf: dataset id."""
     from moeify.data import load_text, tokenize_chunks
 
-    return tokenize_chunks(tokenizer, load_text(spec), seq_len, max_tokens=max_tokens)
+    return tokenize_chunks(tokenizer, load_text(spec), seq_len, max_tokens=max_tokens, spread=True)
 
 
 @dataclass(frozen=True)
