@@ -295,3 +295,16 @@ def test_smollm2_stages_lower_perplexity(smollm2_dir, shared_text, tmp_path):
     assert fitted < split
     assert tuned < 0.7 * fitted
     assert tuned > dense  # sanity: 25% of the FFN does not beat the dense model
+
+
+def test_stage1_holds_out_whole_sequences():
+    """Held-out rows are complete sequences (neighbouring tokens would leak), disjoint from training rows."""
+    from moeify.finetune.routers import _holdout_rows
+
+    test, train = _holdout_rows(rows=10 * 16, seq_len=16, share=0.2, seed=3)
+    assert len(test) == 2 * 16 and len(train) == 8 * 16
+    assert set(test.tolist()).isdisjoint(train.tolist()) and len(set(test.tolist()) | set(train.tolist())) == 160
+    sequences = test.view(-1, 16)
+    assert (sequences == sequences[:, :1] + torch.arange(16)).all() and (sequences[:, 0] % 16 == 0).all()
+    test, train = _holdout_rows(rows=16, seq_len=16, share=0.2, seed=0)  # one sequence: nothing to hold out
+    assert len(test) == 0 and len(train) == 16

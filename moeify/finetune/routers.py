@@ -6,7 +6,10 @@ teacher's FFN inputs. A split layer is a sum of disjoint neuron blocks, so the e
 is a quadratic form in a small per-token Gram matrix of [dense - shared, expert_1..expert_E]; that gives
 the best choice per token (exhaustively, or greedily for large E) and the error of any router cheaply.
 The router is then trained (a linear classifier, full batch Adam, starting from the split's router) to
-predict the best choice, and kept only if it lowers the error on held-out calibration tokens.
+predict the best choice, and kept only if it lowers the error on held-out calibration sequences by more
+than KEEP_MARGIN. Whole sequences are held out, not random tokens: neighbouring tokens of one sequence are
+near copies of each other, and a token-level holdout passed routers that then made perplexity worse on
+another text (docs/finetune.md).
 Routers are written back in the near-uniform regime of `moeify split`, so the layer stays sum-semantics.
 """
 
@@ -24,6 +27,7 @@ from moeify.finetune.moe_model import expert_outputs, moe_blocks, shared_output,
 from moeify.progress import SILENT, Reporter
 
 MAX_EXHAUSTIVE = 512  # top-k choices enumerated per token before falling back to greedy selection
+KEEP_MARGIN = 0.01  # a new router must lower the held-out error by 1% (relative) to replace the old one
 
 
 @dataclass
@@ -101,14 +105,18 @@ def train_router(weight: torch.Tensor, x: torch.Tensor, target: torch.Tensor, st
 
 @torch.no_grad()
 def fit_layer(block, x: torch.Tensor, y: torch.Tensor, top_k: int, weight: float, router_scale: float,
-              steps: int = 200, lr: float = 1e-2, holdout: float = 0.2, seed: int = 0, layer: int = 0) -> LayerFit:
-    """Fit one block's router in place (weight_unit and log_scale of its ScaledRouter)."""
+              steps: int = 200, lr: float = 1e-2, holdout: float = 0.2, seed: int = 0, layer: int = 0,
+              seq_len: int = 1) -> LayerFit:
+    """Fit one block's router in place (weight_unit and log_scale of its ScaledRouter).
+
+    Rows of x are `seq_len`-token sequences one after another; a `holdout` share of whole sequences
+    (at least one, when there are two or more) judges the new router.
+    """
     router = block.gate
     g, _ = gram(block, x, y, weight)
     norm = (y * y).sum()
-    n_test = max(1, int(holdout * x.shape[0])) if x.shape[0] > 1 else 0
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed + layer))
-    test, train = perm[:n_test], perm[n_test:] if n_test < x.shape[0] else perm
+    test, train = _holdout_rows(x.shape[0], seq_len, holdout, seed + layer)
+    n_test = len(test)
     target = oracle_choice(g, top_k)
     old = router.weight_unit.detach().float()
     with torch.enable_grad():
@@ -123,14 +131,31 @@ def fit_layer(block, x: torch.Tensor, y: torch.Tensor, top_k: int, weight: float
         return (router_choice(w, x[idx], top_k) == target[idx]).all(1).float().mean().item()
 
     before, after = rel(old), rel(new)
+    keep = after < before * (1 - KEEP_MARGIN)
     oracle = (masked_error(g[idx], target[idx]).sum() / test_norm).item()
-    fit = LayerFit(layer, round(before, 6), round(min(before, after), 6), round(oracle, 6),
-                   round(agree(old), 4), round(agree(new) if after < before else agree(old), 4), after < before)
-    chosen = new if after < before else old
+    fit = LayerFit(layer, round(before, 6), round(after if keep else before, 6), round(oracle, 6),
+                   round(agree(old), 4), round(agree(new) if keep else agree(old), 4), keep)
+    chosen = new if keep else old
     spread = F.linear(x, chosen).std().clamp_min(1e-12)
     router.weight_unit.copy_(chosen / spread)
     router.log_scale.fill_(math.log(router_scale))
     return fit
+
+
+def _holdout_rows(rows: int, seq_len: int, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(test, train) row indices: a random `share` of whole sequences held out; all rows train if only one."""
+    seq_len = max(1, min(seq_len, rows))
+    sequences = rows // seq_len
+    if sequences < 2:
+        everything = torch.arange(rows)
+        return torch.empty(0, dtype=torch.long), everything
+    held = max(1, int(share * sequences))
+    order = torch.randperm(sequences, generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(sequences, dtype=torch.bool)
+    mask[order[:held]] = True
+    row_mask = mask.repeat_interleave(seq_len)
+    row_mask = torch.cat([row_mask, torch.zeros(rows - len(row_mask), dtype=torch.bool)])
+    return row_mask.nonzero().squeeze(1), (~row_mask).nonzero().squeeze(1)
 
 
 def fit_routers(student: torch.nn.Module, teacher_folder: Path, tokens: torch.Tensor, router_scale: float,
@@ -159,7 +184,7 @@ def fit_routers(student: torch.nn.Module, teacher_folder: Path, tokens: torch.Te
         if i in blocks:
             block = blocks[i]
             fit = fit_layer(block, x.to(student_device), y.to(student_device), top_k, weight, router_scale,
-                            steps=steps, seed=seed, layer=i)
+                            steps=steps, seed=seed, layer=i, seq_len=tokens.shape[1])
             fits.append(asdict(fit))
         runner.advance(y)
     return fits
