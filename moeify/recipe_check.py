@@ -145,18 +145,11 @@ def _fp8_estimate(specs, shapes: dict[str, tuple[int, ...]], options: dict[str, 
 
 def _check_with_config(config: dict[str, Any], options, result: CheckResult) -> None:
     """Only config.json is known: the split's option checks and the activation ratio, no sizes."""
-    from moeify.arch import TargetPlan, source_family, target_arch
-    from moeify.split import expert_size_for, validate_options
+    from moeify.split import activation_ratio, plan_target
 
-    family = source_family(config)
-    inter, layers = config["intermediate_size"], config["num_hidden_layers"]
-    validate_options(options, inter, layers)
-    target = target_arch(family.choose_target(options.shared, options.target))
-    size = expert_size_for(inter, options.experts, options.shared, options.pad_to)
-    tp = TargetPlan(options.experts, options.top_k, options.shared, size, sorted(set(options.dense_layers)))
-    target.check(config, tp, family)
-    moe_layers = layers - len(tp.dense_layers)
-    ratio = (moe_layers * (tp.top_k + tp.shared) * size + len(tp.dense_layers) * inter) / (layers * inter)
+    target, tp = plan_target(config, options)
+    size = tp.expert_size
+    ratio = activation_ratio(tp, config["num_hidden_layers"], config["intermediate_size"])
     result.checked_against = "config.json only (weights not on this machine)"
     result.activation_ratio = round(ratio, 6)
     for step in result.steps:

@@ -76,11 +76,18 @@ class SplitPlan:
 
     @property
     def activation_ratio(self) -> float:
-        """Active FFN neurons per token / dense FFN neurons (dense layers count in full)."""
-        p = self.target_plan
-        moe_layers = self.layers - len(p.dense_layers)
-        active = moe_layers * (p.top_k + p.shared) * p.expert_size + len(p.dense_layers) * self.intermediate
-        return active / (self.layers * self.intermediate)
+        return activation_ratio(self.target_plan, self.layers, self.intermediate)
+
+
+def activation_ratio(target_plan: TargetPlan, layers: int, intermediate: int) -> float:
+    """Active FFN neurons per token / dense FFN neurons (dense layers count in full).
+
+    A free function so `moeify validate` can give the figure from config.json alone, with no SplitPlan.
+    """
+    p = target_plan
+    moe_layers = layers - len(p.dense_layers)
+    active = moe_layers * (p.top_k + p.shared) * p.expert_size + len(p.dense_layers) * intermediate
+    return active / (layers * intermediate)
 
 
 def validate_options(options: SplitOptions, intermediate: int, layers: int) -> None:
@@ -120,6 +127,22 @@ def expert_size_for(intermediate: int, experts: int, shared: int, pad_to: int) -
     return math.ceil(size / align) * align
 
 
+def plan_target(config: dict[str, Any], options: SplitOptions) -> tuple[TargetArch, TargetPlan]:
+    """The target architecture and expert layout that config.json and the options give, checked.
+
+    Needs config.json only, so `moeify validate` on a machine without the weights runs the very checks
+    that `plan_split` runs before it looks at the tensors.
+    """
+    family = source_family(config)
+    inter, layers = config["intermediate_size"], config["num_hidden_layers"]
+    validate_options(options, inter, layers)
+    target = target_arch(family.choose_target(options.shared, options.target))
+    size = expert_size_for(inter, options.experts, options.shared, options.pad_to)
+    tplan = TargetPlan(options.experts, options.top_k, options.shared, size, sorted(set(options.dense_layers)))
+    target.check(config, tplan, family)
+    return target, tplan
+
+
 def plan_split(model: str | Path, options: SplitOptions, reporter: Reporter = SILENT, revision: str | None = None,
                token: str | None = None, source: Source | None = None) -> SplitPlan:
     """Resolve and validate everything; fail here, in seconds, rather than after the long work."""
@@ -128,11 +151,7 @@ def plan_split(model: str | Path, options: SplitOptions, reporter: Reporter = SI
     family = source_family(config)
     reader = CheckpointReader(source.folder)
     inter, layers = config["intermediate_size"], config["num_hidden_layers"]
-    validate_options(options, inter, layers)
-    target = target_arch(family.choose_target(options.shared, options.target))
-    size = expert_size_for(inter, options.experts, options.shared, options.pad_to)
-    tplan = TargetPlan(options.experts, options.top_k, options.shared, size, sorted(set(options.dense_layers)))
-    target.check(config, tplan, family)
+    target, tplan = plan_target(config, options)
 
     _check_tensors(reader, family, config)
     dtype = DTYPES[options.dtype] or reader.info(family.ffn_names(0).gate).dtype

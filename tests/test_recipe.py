@@ -253,6 +253,32 @@ def test_validate_reads_headers_of_a_local_model(tmp_path):
     assert ok.activation_ratio == pytest.approx(0.25)
 
 
+def test_config_only_check_agrees_with_the_header_check(tmp_path):
+    """validate without weights and validate with them run one planner: same target, expert size and ratio."""
+    import json
+
+    from tests.tiny_models import build
+
+    folder = build("llama", tmp_path / "llama")
+    text = (f"model: {folder}\noutput: {tmp_path / 'out'}\nsplit:\n  experts: 5\n  top_k: 2\n  shared: 1\n"
+            "  pad_to: 16\n  dense_layers: [1]\n")
+    with_headers = check_recipe(parse_recipe(text, "r.yaml"))
+    config_only = check_model_config(parse_recipe(text, "r.yaml"), json.loads((folder / "config.json").read_text()))
+    # 96 neurons over 5 + 1 experts is 16 each, already a multiple of 16; layer 0 is MoE, layer 1 stays dense
+    assert with_headers.activation_ratio == config_only.activation_ratio == pytest.approx((3 * 16 + 96) / (2 * 96))
+    for key in ("architecture", "expert_size", "activation_ratio"):
+        assert with_headers.steps[0].estimate[key] == config_only.steps[0].estimate[key], key
+    assert config_only.steps[0].estimate["architecture"] == "Qwen2MoeForCausalLM"
+
+
+def test_activation_ratio_counts_dense_layers_in_full():
+    from moeify.arch import TargetPlan
+    from moeify.split import activation_ratio
+
+    assert activation_ratio(TargetPlan(8, 2, 0, 24, []), 4, 192) == pytest.approx(2 * 24 / 192)
+    assert activation_ratio(TargetPlan(8, 2, 1, 24, [0]), 4, 192) == pytest.approx((3 * 3 * 24 + 192) / (4 * 192))
+
+
 def test_unknown_shipped_name_suggests_close_ones():
     with pytest.raises(InputError) as e:
         find_recipe("qwen3-0.6b-8x2")
