@@ -146,6 +146,29 @@ def test_cli_run_validate_and_dry_run(tiny_llama, tmp_path):
     assert "r.yaml:4: unknown key split.top-k" in " ".join(res.output.split())
 
 
+def test_cli_run_and_validate_check_a_recipe_the_same_way(tmp_path):
+    """Both commands share one preamble: same verdict, and both say when the model could not be checked."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: moeify-tests/no-such-model\noutput: {tmp_path / 'out'}\nsplit:\n  experts: 4\n")
+    runner = CliRunner()
+    for args in (["validate", str(recipe)], ["run", str(recipe), "--dry-run"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        assert "only the recipe itself was checked" in " ".join(res.stderr.split()), (args, res.stderr)
+    validated = runner.invoke(app, ["validate", str(recipe), "--json"])
+    planned = runner.invoke(app, ["run", str(recipe), "--dry-run", "--json"])
+    a, b = json.loads(validated.stdout), json.loads(planned.stdout)
+    assert a["notes"] and "is not on this machine" in a["notes"][0]
+    for key in ("checked_against", "activation_ratio", "notes", "steps"):
+        assert a[key] == b[key], key
+    assert not (tmp_path / "out").exists()
+
+    recipe.write_text(f"model: moeify-tests/no-such-model\noutput: {tmp_path / 'out'}\nsplit:\n  experts: many\n")
+    for args in (["validate", str(recipe)], ["run", str(recipe), "--dry-run"], ["run", str(recipe)]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and "split.experts" in res.output, (args, res.output)
+
+
 def test_cli_recipes_list_show_cp(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["recipes", "list", "--json"])

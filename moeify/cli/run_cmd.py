@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -10,6 +10,10 @@ from rich.table import Table
 from moeify.cli import app
 from moeify.cli.common import JsonOpt, QuietOpt, TokenOpt, run_command
 from moeify.console import Output
+
+if TYPE_CHECKING:
+    from moeify.recipe import Recipe
+    from moeify.recipe_check import CheckResult
 
 RecipeArg = Annotated[str, typer.Argument(help="Recipe file, or the name of a shipped recipe (`moeify recipes "
                                           "list`).")]
@@ -36,11 +40,8 @@ def run(
 
     def body() -> None:
         from moeify.pipeline import run_recipe
-        from moeify.recipe import find_recipe, load_recipe
-        from moeify.recipe_check import check_recipe
 
-        loaded = load_recipe(find_recipe(recipe), overrides or [])
-        check = check_recipe(loaded, reporter=out)
+        loaded, check = _load_and_check(recipe, overrides, out)
         if dry_run:
             data = {"dry_run": True, "recipe": loaded.origin, **check.as_dict()}
             out.result(data, title=f"plan for {loaded.origin}", rows=_plan_rows(loaded, check),
@@ -68,19 +69,28 @@ def validate(
     out = Output(json_mode, quiet)
 
     def body() -> None:
-        from moeify.recipe import find_recipe, load_recipe
-        from moeify.recipe_check import check_recipe
-
-        loaded = load_recipe(find_recipe(recipe), overrides or [])
-        check = check_recipe(loaded, reporter=out)
-        for note in check.notes:
-            out.note(note)
+        loaded, check = _load_and_check(recipe, overrides, out)
         data = {"valid": True, "recipe": loaded.origin, "stages": loaded.stages(), **check.as_dict()}
         rows = [("valid", "yes"), ("recipe", loaded.origin), ("stages", " -> ".join(loaded.stages())),
                 ("checked against", check.checked_against), ("activation ratio", _pct(check.activation_ratio))]
         out.result(data, title="validate", rows=rows)
 
     run_command(out, body)
+
+
+def _load_and_check(recipe: str, overrides: list[str] | None, out: Output) -> tuple[Recipe, CheckResult]:
+    """The preamble of `run` and `validate`: find, load and check the recipe, and say what could not be checked.
+
+    One place, so `validate` and `run` can never disagree about whether a recipe is valid.
+    """
+    from moeify.recipe import find_recipe, load_recipe
+    from moeify.recipe_check import check_recipe
+
+    loaded = load_recipe(find_recipe(recipe), overrides or [])
+    check = check_recipe(loaded, reporter=out)
+    for note in check.notes:
+        out.note(note)
+    return loaded, check
 
 
 def _plan_rows(loaded, check) -> list[tuple[str, Any]]:
