@@ -7,10 +7,12 @@ with the input's exact tensor layout and a moeify.json that records the run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -159,116 +161,135 @@ def finetune(moe_dir: str | Path, output: str | Path, options: FinetuneOptions |
                          f"({config.get('vocab_size')})", "use the dense model the MoE was split from")
     device = pick_device(options.device)
     accelerator = accelerator or make_accelerator(device)
-    data_label = "<token ids from the caller>" if chunks is not None else (options.data or "<shipped calibration text>")
-    if chunks is None:
-        from moeify.data import load_tokenizer
+    # The output is claimed before the first weight is trained: a second run to the same -o fails here, in
+    # seconds, instead of after the whole training; the lock also guards OUT.ckpt (see _claim_output).
+    with _claim_output(output, overwrite, accelerator, reporter) as tmp:
+        data_label = ("<token ids from the caller>" if chunks is not None
+                      else (options.data or "<shipped calibration text>"))
+        if chunks is None:
+            from moeify.data import load_tokenizer
 
-        chunks = load_chunks(options.data, load_tokenizer(moe_dir), options.seq_len)
-    chunks = chunks.long()
-    seq_len = chunks.shape[1]
-    world = accelerator.num_processes
-    steps = 0 if options.stage == "1" else steps_for(options.tokens, options.max_steps, seq_len,
-                                                     options.batch_size * world)
-    warmup = options.warmup if options.warmup is not None else max(0, round(0.05 * steps))
-    fingerprint = data_fingerprint(chunks)
-    resume_options = {"seed": options.seed, "lr": options.lr, "warmup": warmup, "seq_len": seq_len,
-                      "batch_size": options.batch_size, "steps": steps, "lora": options.lora,
-                      "attention_lora": options.attention_lora, "balance_coef": options.balance_coef,
-                      "data_fingerprint": fingerprint, "world": world}
-    ckpt = checkpoint_dir(output)
-    resume_state = read_state(ckpt) if options.resume else None
+            chunks = load_chunks(options.data, load_tokenizer(moe_dir), options.seq_len)
+        chunks = chunks.long()
+        seq_len = chunks.shape[1]
+        world = accelerator.num_processes
+        steps = 0 if options.stage == "1" else steps_for(options.tokens, options.max_steps, seq_len,
+                                                         options.batch_size * world)
+        warmup = options.warmup if options.warmup is not None else max(0, round(0.05 * steps))
+        fingerprint = data_fingerprint(chunks)
+        resume_options = {"seed": options.seed, "lr": options.lr, "warmup": warmup, "seq_len": seq_len,
+                          "batch_size": options.batch_size, "steps": steps, "lora": options.lora,
+                          "attention_lora": options.attention_lora, "balance_coef": options.balance_coef,
+                          "data_fingerprint": fingerprint, "world": world}
+        ckpt = checkpoint_dir(output)
+        resume_state = read_state(ckpt) if options.resume else None
 
-    reporter.status(f"loading {moe_dir.name} and the teacher {teacher_source.id}")
-    torch.manual_seed(options.seed)
-    student = load_student(moe_dir)
-    split_scale = _split_router_scale(moe_dir)
-    record: dict[str, Any] = {
-        "input": str(moe_dir), "teacher": teacher_source.describe(), "options": asdict(options),
-        "data": data_label,
-        "seq_len": seq_len, "stage": options.stage, "device": device, "processes": world,
-    }
-    timings: dict[str, float] = {}
+        reporter.status(f"loading {moe_dir.name} and the teacher {teacher_source.id}")
+        torch.manual_seed(options.seed)
+        student = load_student(moe_dir)
+        split_scale = _split_router_scale(moe_dir)
+        record: dict[str, Any] = {
+            "input": str(moe_dir), "teacher": teacher_source.describe(), "options": asdict(options),
+            "data": data_label,
+            "seq_len": seq_len, "stage": options.stage, "device": device, "processes": world,
+        }
+        timings: dict[str, float] = {}
 
-    if options.stage in ("1", "both") and resume_state is None:
-        from moeify.finetune.routers import fit_routers
+        if options.stage in ("1", "both") and resume_state is None:
+            from moeify.finetune.routers import fit_routers
 
-        tick = time.perf_counter()
-        calib = chunks[: max(1, options.calibration_tokens // seq_len)]
-        fits = fit_routers(student, teacher_source.folder, calib, split_scale, steps=options.router_steps,
-                           seed=options.seed, reporter=reporter)
-        timings["stage1"] = round(time.perf_counter() - tick, 2)
-        record["stage1"] = {"calibration_tokens": int(calib.numel()), "layers": fits,
-                            "mean_error_before": _mean(f["error_before"] for f in fits),
-                            "mean_error_after": _mean(f["error_after"] for f in fits)}
-    elif resume_state is not None:
-        record["stage1"] = (resume_state.get("options") or {}).get("stage1")
+            tick = time.perf_counter()
+            calib = chunks[: max(1, options.calibration_tokens // seq_len)]
+            fits = fit_routers(student, teacher_source.folder, calib, split_scale, steps=options.router_steps,
+                               seed=options.seed, reporter=reporter)
+            timings["stage1"] = round(time.perf_counter() - tick, 2)
+            record["stage1"] = {"calibration_tokens": int(calib.numel()), "layers": fits,
+                                "mean_error_before": _mean(f["error_before"] for f in fits),
+                                "mean_error_after": _mean(f["error_after"] for f in fits)}
+        elif resume_state is not None:
+            record["stage1"] = (resume_state.get("options") or {}).get("stage1")
 
-    if options.stage in ("2", "both"):
-        tick = time.perf_counter()
-        teacher = load_teacher(teacher_source.folder, device)
-        set_trainable(student)
-        if options.lora or options.attention_lora:
-            from moeify.finetune.lora import add_lora
+        if options.stage in ("2", "both"):
+            tick = time.perf_counter()
+            teacher = load_teacher(teacher_source.folder, device)
+            set_trainable(student)
+            if options.lora or options.attention_lora:
+                from moeify.finetune.lora import add_lora
 
-            student = add_lora(student, options.lora, options.attention_lora)
-        if options.gradient_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        cfg = DistillConfig(steps=steps, lr=options.lr, warmup=warmup, batch_size=options.batch_size,
-                            balance_coef=options.balance_coef, router_scale_lr=options.router_scale_lr,
-                            checkpoint_every=options.checkpoint_every, seed=options.seed)
-        log_file = Path(options.log_file) if options.log_file else None
-        resume_options["stage1"] = record.get("stage1")
-        student, result = distill(student, teacher, chunks, cfg, accelerator, checkpoint=ckpt,
-                                  resume=resume_state is not None, resume_options=resume_options,
-                                  log_file=log_file, reporter=reporter)
-        if options.lora or options.attention_lora:
-            from moeify.finetune.lora import merge_lora
+                student = add_lora(student, options.lora, options.attention_lora)
+            if options.gradient_checkpointing:
+                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            cfg = DistillConfig(steps=steps, lr=options.lr, warmup=warmup, batch_size=options.batch_size,
+                                balance_coef=options.balance_coef, router_scale_lr=options.router_scale_lr,
+                                checkpoint_every=options.checkpoint_every, seed=options.seed)
+            log_file = Path(options.log_file) if options.log_file else None
+            resume_options["stage1"] = record.get("stage1")
+            student, result = distill(student, teacher, chunks, cfg, accelerator, checkpoint=ckpt,
+                                      resume=resume_state is not None, resume_options=resume_options,
+                                      log_file=log_file, reporter=reporter)
+            if options.lora or options.attention_lora:
+                from moeify.finetune.lora import merge_lora
 
-            student = merge_lora(student)
-        if options.gradient_checkpointing:
-            student.gradient_checkpointing_disable()
-        del teacher
-        timings["stage2"] = round(time.perf_counter() - tick, 2)
-        record.update(tokens=result.tokens, steps=result.steps, first_loss=result.first_loss,
-                      final_loss=result.final_loss, tokens_per_s=result.tokens_per_s,
-                      resumed_from=result.resumed_from, peak_gpu_memory_bytes=result.peak_memory_bytes,
-                      expert_load=result.expert_load, load_summary=_load_summary(result.expert_load),
-                      losses=result.losses, warmup=warmup, batch_tokens=BatchPlan(
-                          chunks.shape[0], options.batch_size, options.seed, world).global_batch * seq_len)
+                student = merge_lora(student)
+            if options.gradient_checkpointing:
+                student.gradient_checkpointing_disable()
+            del teacher
+            timings["stage2"] = round(time.perf_counter() - tick, 2)
+            record.update(tokens=result.tokens, steps=result.steps, first_loss=result.first_loss,
+                          final_loss=result.final_loss, tokens_per_s=result.tokens_per_s,
+                          resumed_from=result.resumed_from, peak_gpu_memory_bytes=result.peak_memory_bytes,
+                          expert_load=result.expert_load, load_summary=_load_summary(result.expert_load),
+                          losses=result.losses, warmup=warmup, batch_tokens=BatchPlan(
+                              chunks.shape[0], options.batch_size, options.seed, world).global_batch * seq_len)
 
-    student = student.to("cpu")
-    diverged = next((n for n, p in student.named_parameters() if not torch.isfinite(p).all()), None)
-    if diverged is not None:  # never publish NaN weights as a finished model
-        raise UsageError(f"training diverged: {diverged} holds NaN or inf values; nothing was written",
-                         "lower --lr (e.g. --lr 1e-4) or --balance-coef and run again")
-    digests = [weights_digest(student)]
-    if world > 1:
-        from accelerate.utils import gather_object
+        student = student.to("cpu")
+        diverged = next((n for n, p in student.named_parameters() if not torch.isfinite(p).all()), None)
+        if diverged is not None:  # never publish NaN weights as a finished model
+            raise UsageError(f"training diverged: {diverged} holds NaN or inf values; nothing was written",
+                             "lower --lr (e.g. --lr 1e-4) or --balance-coef and run again")
+        digests = [weights_digest(student)]
+        if world > 1:
+            from accelerate.utils import gather_object
 
-        digests = gather_object(digests)
-    record["process_weight_digests"] = digests  # every process must end with the same weights
-    if len(set(digests)) > 1:
-        reporter.note(f"the {world} processes ended with different weights; only process 0's are written")
-    scales = _router_scales(student)
-    record["router_scales"] = scales
-    record["hardware"] = hardware()
-    timings["total"] = round(time.perf_counter() - started, 2)
-    record["timings_s"] = timings
-    if accelerator.is_main_process:
-        reporter.status(f"writing {output}")
-        with atomic_output(output, overwrite,
-                           on_stale=lambda p: reporter.note(f"removed {p.name}, left by a killed run")) as tmp:
+            digests = gather_object(digests)
+        record["process_weight_digests"] = digests  # every process must end with the same weights
+        if len(set(digests)) > 1:
+            reporter.note(f"the {world} processes ended with different weights; only process 0's are written")
+        scales = _router_scales(student)
+        record["router_scales"] = scales
+        record["hardware"] = hardware()
+        timings["total"] = round(time.perf_counter() - started, 2)
+        record["timings_s"] = timings
+        if tmp is not None:
             from moeify.finetune.export import write_like_input
 
+            reporter.status(f"writing {output}")
             write_like_input(student, moe_dir, tmp)
             for name in CONFIG_FILES:
                 if (moe_dir / name).is_file():
                     shutil.copyfile(moe_dir / name, tmp / name)
             record["copied_files"] = copy_side_files(moe_dir, tmp)
             write_metadata(tmp, "finetune", record, read_metadata(moe_dir))
-        shutil.rmtree(ckpt, ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(ckpt, ignore_errors=True)  # only once the output is in place
     accelerator.wait_for_everyone()
     return {"output": str(output), **record}
+
+
+@contextlib.contextmanager
+def _claim_output(output: Path, overwrite: bool, accelerator, reporter: Reporter) -> Iterator[Path | None]:
+    """The output's lock and temporary folder for the whole run, not just the export.
+
+    Two runs to the same -o would otherwise both train (and share OUT.ckpt) and the second would fail only at
+    the end. Only the main process writes, so it alone takes the lock; the others get None. Ctrl-C or an error
+    releases the lock and leaves OUT.ckpt for --resume.
+    """
+    if not accelerator.is_main_process:
+        yield None
+        return
+    with atomic_output(output, overwrite,
+                       on_stale=lambda p: reporter.note(f"removed {p.name}, left by a killed run")) as tmp:
+        yield tmp
 
 
 def weights_digest(model: torch.nn.Module) -> str:
