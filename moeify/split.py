@@ -19,7 +19,8 @@ import torch
 
 from moeify import __version__
 from moeify.arch import TargetArch, TargetPlan, source_family, target_arch
-from moeify.arch.base import CARRIED_KEYS, IGNORED_KEYS, require_int
+from moeify.arch.base import CARRIED_KEYS, IGNORED_KEYS
+from moeify.arch.shapes import check_config_shapes
 from moeify.errors import InputError, UsageError
 from moeify.io.checks import require_finite as check_finite
 from moeify.io.output import atomic_output, check_output_path
@@ -184,34 +185,7 @@ def _check_tensors(reader: CheckpointReader, family, config: dict[str, Any]) -> 
     if extra:
         raise InputError(f"{reader.folder}: weights exist for layer {extra[0]} but config.json says "
                          f"num_hidden_layers = {layers}", "the config does not match the weights")
-    _check_shapes(reader, config, _attention_shapes(config, hidden, layers))
-
-
-def _attention_shapes(config: dict[str, Any], hidden: int, layers: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Expected shapes of the carried tensors that config.json also describes, with the keys that imply them."""
-    heads = config["num_attention_heads"]
-    kv = require_int(config, "num_key_value_heads", maximum=heads) if "num_key_value_heads" in config else heads
-    head_dim = require_int(config, "head_dim") if config.get("head_dim") is not None else hidden // heads
-    vocab = config["vocab_size"]
-    shapes = {"model.embed_tokens.weight": ((vocab, hidden), "vocab_size/hidden_size"),
-              "lm_head.weight": ((vocab, hidden), "vocab_size/hidden_size")}
-    for i in range(layers):
-        p = f"model.layers.{i}.self_attn."
-        shapes |= {p + "q_proj.weight": ((heads * head_dim, hidden), "num_attention_heads/head_dim"),
-                   p + "k_proj.weight": ((kv * head_dim, hidden), "num_key_value_heads/head_dim"),
-                   p + "v_proj.weight": ((kv * head_dim, hidden), "num_key_value_heads/head_dim"),
-                   p + "o_proj.weight": ((hidden, heads * head_dim), "num_attention_heads/head_dim")}
-    return shapes
-
-
-def _check_shapes(reader: CheckpointReader, config: dict[str, Any],
-                  shapes: dict[str, tuple[tuple[int, ...], str]]) -> None:
-    """A config that contradicts the weights would give a checkpoint no loader accepts: refuse it up front."""
-    for name, (shape, keys) in shapes.items():
-        if name in reader and reader.info(name).shape != shape:
-            values = ", ".join(f"{k} = {config.get(k)}" for k in keys.split("/"))
-            raise InputError(f"{reader.folder}: {name} has shape {list(reader.info(name).shape)}, config.json "
-                             f"({values}) implies {list(shape)}", "the config does not match the weights")
+    check_config_shapes(reader, config)  # attention, embeddings: the rules quantize checks too
 
 
 def _plan_tensors(reader: CheckpointReader, family, target: TargetArch, plan: TargetPlan, config: dict[str, Any],

@@ -398,6 +398,65 @@ def test_nan_weight_is_an_error_naming_the_tensor(models, tmp_path):
         quantize_fp8(bad, tmp_path / "out")
 
 
+# A config that contradicts its tensors: (model, key, hostile value, tensor the error must name (regex)).
+CONFLICTS = {
+    "dense intermediate_size": ("llama_odd", "intermediate_size", 64, r"model\.layers\.0\.mlp\.\w+_proj\.weight"),
+    "expert width (moe_intermediate_size)": ("qwen2moe_odd", "moe_intermediate_size", 64,
+                                             r"model\.layers\.0\.mlp\.experts\.0\.\w+_proj\.weight"),
+    "shared expert width": ("qwen2moe_odd", "shared_expert_intermediate_size", 48,
+                            r"model\.layers\.0\.mlp\.shared_expert\.\w+_proj\.weight"),
+    "Mixtral expert width": ("mixtral128", "intermediate_size", 128,
+                             r"model\.layers\.0\.block_sparse_moe\.experts\.0\.w[123]\.weight"),
+    "expert count": ("qwen2moe_odd", "num_experts", 8, r"model\.layers\.0\.mlp\.gate\.weight"),
+    "head_dim": ("qwen3moe_odd", "head_dim", 32, r"model\.layers\.0\.self_attn\.[qko]_proj\.weight"),
+    "key/value heads": ("llama_odd", "num_key_value_heads", 4, r"model\.layers\.0\.self_attn\.[kv]_proj\.weight"),
+    "vocab_size": ("llama_odd", "vocab_size", 200, r"model\.embed_tokens\.weight"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFLICTS))
+def test_config_that_contradicts_the_tensors_is_refused_before_writing(models, tmp_path, case):
+    """The output's config.json is the input's: quantizing a mismatch would publish a model no loader accepts."""
+    import re
+    import shutil
+
+    from moeify.io.reader import CheckpointReader
+
+    name, key, value, tensor = CONFLICTS[case]
+    bad = Path(shutil.copytree(models[name], tmp_path / "bad"))
+    config = json.loads((bad / "config.json").read_text())
+    assert config[key] != value
+    config[key] = value
+    (bad / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as e:
+        quantize_fp8(bad, out)
+    m = re.search(rf"({tensor}) has shape \[(\d+), (\d+)\], but config\.json \((.*)\) implies \[(\d+), (\d+)\]",
+                  e.value.message)
+    assert m, e.value.message
+    actual = [int(m.group(2)), int(m.group(3))]
+    assert actual == list(CheckpointReader(bad).info(m.group(1)).shape)  # the real shape, quoted right
+    assert actual != [int(m.group(5)), int(m.group(6))]
+    assert f"{key} = {value}" in m.group(4)
+    assert key in e.value.hint and "config.json" in e.value.hint  # the fix: which key to correct
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["bad"]  # nothing written, no temporaries
+
+
+def test_contradicting_config_is_one_line_at_the_cli(models, tmp_path):
+    import shutil
+
+    from tests.hostile import assert_clean_failure, cli
+
+    bad = Path(shutil.copytree(models["qwen2moe_odd"], tmp_path / "bad"))
+    config = json.loads((bad / "config.json").read_text())
+    config["moe_intermediate_size"] = 64  # the tensors are 48 wide
+    (bad / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    err = assert_clean_failure(cli("quantize", bad, "--fp8", "-o", out), out, contains="moe_intermediate_size = 64")
+    assert "down_proj.weight has shape [64, 48]" in err and "implies [64, 64]" in err
+    assert "set moe_intermediate_size to 48 in config.json" in err
+
+
 def test_refuses_quantized_and_fused_inputs(models, tmp_path):
     fp8 = tmp_path / "fp8"
     quantize_fp8(models["llama_odd"], fp8, verify=False)
