@@ -1,4 +1,4 @@
-"""Fine-tuning benchmark on the real SmolLM2-135M split top-2 of 8: perplexity before/after each stage.
+"""Fine-tuning benchmark on the real SmolLM2-135M split (default top-2 of 8): perplexity before/after each stage.
 
     python bench/finetune_gpu.py --device cuda                 # a few minutes on one GPU
     python bench/finetune_gpu.py --device cpu --budgets 4096 16384   # a small curve on a CPU
@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--eval-chunks", type=int, default=None, help="default 64 on CUDA, 8 on CPU")
     ap.add_argument("--method", default=None, help="split method (default: split's default; the recorded CPU "
                     "figures used weights)")
+    ap.add_argument("--config", default="8x2x0", help="ROUTEDxTOPKxSHARED experts of the split (default 8x2x0: "
+                    "top-2 of 8, 25%% active; 14x2x2 is 25%% with 2 shared experts, Qwen2-MoE)")
     ap.add_argument("--no-stage1", action="store_true", help="skip stage 1 (advised after the activations split)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/moeify-finetune-bench"))
     ap.add_argument("--out", type=Path, default=None)
@@ -75,9 +77,12 @@ def main() -> None:
     from moeify.methods import DEFAULT_METHOD
 
     method = args.method or DEFAULT_METHOD
-    moe = work / f"smollm2-8x2-{method}"
-    if not (moe / "config.json").is_file():
-        split_model(dense, moe, SplitOptions(experts=8, top_k=2, method=method), overwrite=True)
+    experts, top_k, shared = (int(v) for v in args.config.split("x"))
+    method_tag = f"{method}-{args.config}"
+    moe = work / f"smollm2-{method_tag}"
+    if not (moe / "config.json").is_file():  # split calibrated on P&P, like the stages (issue 5's setup)
+        split_model(dense, moe, SplitOptions(experts=experts, top_k=top_k, shared=shared, method=method,
+                                             calibration=str(DATA / "pride_and_prejudice.txt")), overwrite=True)
     tok = load_tokenizer(dense)
     train_text = (DATA / "pride_and_prejudice.txt").read_text()
     evals = {"sense_and_sensibility": tokenize_chunks(tok, (DATA / "sense_and_sensibility.txt").read_text(),
@@ -98,10 +103,10 @@ def main() -> None:
     report["results"]["dense"] = ppl(dense)
     report["results"]["split"] = ppl(moe)
     print(json.dumps(report["results"]), flush=True)
-    report["method"] = method
+    report["method"], report["config"] = method, args.config
     stage1 = moe
     if not args.no_stage1:
-        stage1 = work / f"stage1-{method}"
+        stage1 = work / f"stage1-{method_tag}"
         tick = time.perf_counter()
         r1 = finetune(moe, stage1, FinetuneOptions(teacher=str(dense), stage="1", calibration_tokens=calib,
                                                    device=device, seed=0), overwrite=True, chunks=train)
@@ -110,10 +115,10 @@ def main() -> None:
         report["results"]["stage1"] = ppl(stage1)
         print(json.dumps(report["results"]), flush=True)
     for budget in budgets:
-        out = work / f"stage2-{method}-{budget}"
+        out = work / f"stage2-{method_tag}-{budget}"
         r2 = finetune(stage1, out, FinetuneOptions(teacher=str(dense), stage="2", tokens=budget, lr=args.lr,
                                                    batch_size=batch, device=device, seed=0,
-                                                   log_file=str(work / f"stage2-{method}-{budget}.jsonl")),
+                                                   log_file=str(work / f"stage2-{method_tag}-{budget}.jsonl")),
                       overwrite=True, chunks=train)
         report["results"][f"stage2_{budget}"] = {
             **ppl(out), "tokens": r2["tokens"], "steps": r2["steps"], "tokens_per_s": r2["tokens_per_s"],

@@ -174,9 +174,10 @@ def parse_config(text: str) -> tuple[int, int, int]:
 def grid(argv: list[str]) -> None:
     """One JSON line per configuration: ppl with fitted router and with the oracle, in and out of domain.
 
-    python bench/quality.py grid CHUNKS CONFIGS METHODS TOKENS [pp|mixed] [seq]
-    CONFIGS is a comma list of EXPERTSxTOPKxSHARED; `seq` recalibrates each config sequentially
-    (error compensation) instead of reusing the cached dense inputs.
+    python bench/quality.py grid CHUNKS CONFIGS METHODS TOKENS [pp|mixed] [seq|comp]
+    CONFIGS is a comma list of EXPERTSxTOPKxSHARED; `seq` calibrates each layer on the split layers' outputs
+    and `comp` also targets the dense residual stream (ActivationsMethod.stream "split" / "compensate"),
+    instead of reusing the cached dense inputs.
     """
     from transformers import AutoModelForCausalLM
 
@@ -186,7 +187,8 @@ def grid(argv: list[str]) -> None:
     methods = argv[2].split(",")
     tokens = int(argv[3])
     calib = None if len(argv) > 4 and argv[4] == "mixed" else str(DATA / "pride_and_prejudice.txt")
-    sequential = len(argv) > 5 and argv[5] == "seq"
+    stream = {"seq": "split", "comp": "compensate"}.get(argv[5], "dense") if len(argv) > 5 else "dense"
+    sequential = stream != "dense"
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     sets = eval_sets(folder, chunks)
     t = time.perf_counter()
@@ -197,12 +199,12 @@ def grid(argv: list[str]) -> None:
     for experts, top_k, shared in configs:
         for method in methods:
             t = time.perf_counter()
-            attrs = {"sequential": True} if sequential else {}
+            attrs = {"stream": stream} if sequential else {}
             layers, info = build_layers(folder, method, experts, top_k, shared, calib, tokens, cached=xs, **attrs)
             built = time.perf_counter() - t
             row = {"method": method, "experts": experts, "top_k": top_k, "shared": shared,
                    "activation": round((top_k + shared) / (experts + shared), 4), "split_s": round(built, 1),
-                   "calibration": "P&P" if calib else "mixed", "tokens": tokens, "sequential": sequential}
+                   "calibration": "P&P" if calib else "mixed", "tokens": tokens, "stream": stream}
             for name, chunk in sets.items():
                 row[name] = round(patched_perplexity(model, layers, top_k, False, chunk), 3)
                 row[f"{name}_oracle"] = round(patched_perplexity(model, layers, top_k, True, chunk), 3)
@@ -211,86 +213,127 @@ def grid(argv: list[str]) -> None:
             print(json.dumps(row), flush=True)
 
 
-def heldout_inputs(folder: Path, tokens: int) -> list[torch.Tensor]:
-    """Dense FFN inputs on Sense and Sensibility (held out), for layer-level screening."""
+def heldout_inputs(folder: Path, name: str, tokens: int = 2048) -> list[torch.Tensor]:
+    """Dense FFN inputs on a held-out text ("sense" in domain, "wiki" out of domain), for layer screening."""
     CACHE.mkdir(exist_ok=True)
-    name = CACHE / f"x-sense-{tokens}.pt"
-    if name.exists():
-        return torch.load(name)
-    from moeify.calibrate import calibration_tokens
-
-    xs = dense_inputs(folder, calibration_tokens(folder, str(DATA / "sense_and_sensibility.txt"), tokens))
-    torch.save(xs, name)
+    path = CACHE / f"x-{name}-{tokens}.pt"
+    if path.exists():
+        return torch.load(path)
+    file = {"sense": "sense_and_sensibility.txt", "wiki": "wikipedia_sample.txt"}[name]
+    chunks = tokenize_chunks(load_tokenizer(folder), (DATA / file).read_text(), 512, max_tokens=tokens)  # the first
+    xs = dense_inputs(folder, chunks)
+    torch.save(xs, path)
     return xs
 
 
-VARIANTS = {
-    "activations": {},
-    "no-repair": {"repair": False},
-    "down-ridge-1e-3": {"down_ridge": 1e-3},
-    "down-ridge-1e-1": {"down_ridge": 1e-1},
-    "down-ridge-1": {"down_ridge": 1.0},
-    "router-ridge-1e-1": {"router_ridge": 1e-1},
-    "weights-grouping": {"grouping": "weights"},
-}
+def _screen_method():
+    """ActivationsMethod with the router targets and groupings that `screen` compares (bench-only variants)."""
+    import numpy as np
+
+    from moeify.calibrate import ffn_activations
+    from moeify.cluster import balanced_kmeans, reduce_features
+    from moeify.methods.activations import ActivationsMethod, _layout
+    from moeify.moe_layer import split_by_groups
+    from moeify.repair import joined_activations, refit_down
+    from moeify.router import fit_linear_router, unit_spread
+
+    class ScreenMethod(ActivationsMethod):
+        router_target = "norm"  # norm (shipped) | lognorm | ce (Adam on cross-entropy to the oracle top-k)
+        grouping = "patterns"  # patterns (shipped) | weights | firing (binary: above the token's median)
+
+        def group(self, ffn, acts, routed, layer):
+            if self.grouping == "patterns":
+                return super().group(ffn, acts, routed, layer)
+            if self.grouping == "weights":
+                from moeify.methods.weights import neuron_features
+
+                feats = neuron_features(ffn, routed, seed=0)
+            else:
+                rows = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(layer))[:2048]
+                a = acts[rows][:, routed].abs()
+                feats = reduce_features((a > a.median(dim=1, keepdim=True).values).float().T.numpy())
+            labels = balanced_kmeans(feats, self.ctx.experts, capacity=self.ctx.expert_size, seed=layer)
+            return [routed[torch.from_numpy(np.flatnonzero(labels == e))] for e in range(self.ctx.experts)]
+
+        def split_layer(self, layer, ffn, x):
+            ctx = self.ctx
+            m, experts = ctx.expert_size, ctx.experts
+            acts = ffn_activations(ffn, x)
+            y = acts @ ffn.down.T
+            shared_idx, routed_idx = self.pick_shared(ffn, acts)
+            groups = self.group(ffn, acts, routed_idx, layer)
+            moe = split_by_groups(ffn, shared_idx, groups, m, ctx.shared * m, torch.zeros(experts, ffn.gate.shape[1]))
+            feats = joined_activations(acts, _layout(groups, shared_idx, m, ctx.shared * m))
+            norms = torch.stack([feats[:, e * m:(e + 1) * m] @ moe.experts[e].down.T for e in range(experts)],
+                                dim=1).norm(dim=-1)
+            if self.router_target == "lognorm":
+                moe.router = fit_linear_router(x, norms.clamp_min(1e-6).log(), self.router_ridge)
+            elif self.router_target == "ce":
+                w = fit_linear_router(x, norms, self.router_ridge).clone().requires_grad_(True)
+                target = torch.zeros_like(norms).scatter_(1, torch.topk(norms, ctx.top_k, dim=-1).indices,
+                                                          1.0 / ctx.top_k)
+                opt = torch.optim.Adam([w], lr=1e-2)
+                with torch.enable_grad():
+                    for _ in range(200):
+                        loss = -(target * torch.log_softmax(x @ w.T, -1)).sum(-1).mean()
+                        opt.zero_grad()
+                        loss.backward()
+                        opt.step()
+                moe.router = unit_spread(w.detach(), x)
+            else:
+                moe.router = fit_linear_router(x, norms, self.router_ridge)
+            if self.repair:
+                moe = refit_down(moe, x, y, self.choices(moe, x), self.down_ridge, feats=feats)
+            return moe, y, {}
+
+    return ScreenMethod
 
 
 def screen(argv: list[str]) -> None:
-    """Held-out layer reconstruction error of method variants, on every 3rd layer (seconds per variant).
+    """Held-out layer reconstruction error, in and out of domain, on every 3rd layer (seconds per row).
 
-    python bench/quality.py screen CONFIG [VARIANTS]
+    python bench/quality.py screen CONFIGS [VARIANT ...]
+    CONFIGS: comma list of ROUTEDxTOPKxSHARED. VARIANT: comma list of key=value attributes of the method,
+    e.g. down_ridge=0.1,repair=0 router_target=lognorm grouping=weights tokens=8192 calib=mixed.
     """
     from moeify.io.reader import CheckpointReader
-    from moeify.methods.activations import ActivationsMethod
-    from moeify.methods.weights import WeightsMethod
     from moeify.repair import relative_error
 
     folder = smollm2_folder()
-    experts, top_k, shared = parse_config(argv[0])
-    names = argv[1].split(",") if len(argv) > 1 else list(VARIANTS)
-    xs = cached_inputs(folder, str(DATA / "pride_and_prejudice.txt"), 4096)
-    ho = heldout_inputs(folder, 2048)
+    variants = argv[1:] or [""]
+    held = {"sense": heldout_inputs(folder, "sense"), "wiki": heldout_inputs(folder, "wiki")}
     reader = CheckpointReader(folder)
-    options = SplitOptions(experts=experts, top_k=top_k, shared=shared)
-    tp = plan_split(folder, options).target_plan
-    layers = list(range(0, len(xs), int(os.environ.get("BENCH_LAYER_STEP", "3"))))
-    for name in names:
-        attrs = dict(VARIANTS[name])
-        grouping = attrs.pop("grouping", "patterns")
-        m = ActivationsMethod()
-        for k, v in attrs.items():
-            setattr(m, k, v)
-        m.ctx = SimpleNamespace(experts=tp.experts, top_k=tp.top_k, shared=tp.shared, expert_size=tp.expert_size,
-                                seed=0, reader=reader)
-        if grouping == "weights":
-            w = WeightsMethod()
-            w.ctx = m.ctx
-            m.group = lambda ffn, acts, routed, layer, w=w: _weights_groups(w, ffn, routed, layer)
-        t = time.perf_counter()
-        err, err_oracle = [], []
-        for i in layers:
-            p = f"model.layers.{i}.mlp."
-            ffn = FFNWeights(*(reader.get(p + k + "_proj.weight", torch.float32) for k in ("gate", "up", "down")))
-            moe, _, _ = m.split_layer(i, ffn, xs[i])
-            y = ffn.forward(ho[i])
-            chosen = m.choices(moe, ho[i])
-            err.append(relative_error(moe_output(moe, ho[i], chosen), y))
-            err_oracle.append(relative_error(moe_output(moe, ho[i], oracle_choices(moe.experts, ho[i], top_k)), y))
-        print(json.dumps({"variant": name, "config": argv[0], "heldout_error": round(sum(err) / len(err), 4),
-                          "heldout_error_oracle_routing": round(sum(err_oracle) / len(err_oracle), 4),
-                          "per_layer": [round(e, 3) for e in err], "s": round(time.perf_counter() - t, 1)}),
-              flush=True)
-
-
-def _weights_groups(w, ffn, routed, layer):
-    import numpy as np
-
-    from moeify.cluster import balanced_kmeans
-    from moeify.methods.weights import neuron_features
-
-    labels = balanced_kmeans(neuron_features(ffn, routed, seed=0), w.ctx.experts, capacity=w.ctx.expert_size,
-                             seed=layer)
-    return [routed[torch.from_numpy(np.flatnonzero(labels == e))] for e in range(w.ctx.experts)]
+    step = int(os.environ.get("BENCH_LAYER_STEP", "3"))
+    for config in argv[0].split(","):
+        experts, top_k, shared = parse_config(config)
+        tp = plan_split(folder, SplitOptions(experts=experts, top_k=top_k, shared=shared)).target_plan
+        for variant in variants:
+            attrs = dict(kv.split("=") for kv in variant.split(",") if kv)
+            tokens = int(attrs.pop("tokens", 4096))
+            calib = None if attrs.pop("calib", "pp") == "mixed" else str(DATA / "pride_and_prejudice.txt")
+            xs = cached_inputs(folder, calib, tokens)
+            m = _screen_method()()
+            for k, v in attrs.items():
+                setattr(m, k, type(getattr(m, k))(float(v)) if isinstance(getattr(m, k), (bool, int, float))
+                        else v)
+            m.ctx = SimpleNamespace(experts=tp.experts, top_k=tp.top_k, shared=tp.shared,
+                                    expert_size=tp.expert_size, seed=0, reader=reader)
+            t = time.perf_counter()
+            errors: dict[str, list[float]] = {}
+            for i in range(0, len(xs), step):
+                p = f"model.layers.{i}.mlp."
+                ffn = FFNWeights(*(reader.get(p + k + "_proj.weight", torch.float32) for k in ("gate", "up", "down")))
+                moe, _, _ = m.split_layer(i, ffn, xs[i])
+                for name, ho in held.items():
+                    y = ffn.forward(ho[i])
+                    errors.setdefault(name, []).append(relative_error(moe_output(moe, ho[i], m.choices(moe, ho[i])), y))
+                    oracle = oracle_choices(moe.experts, ho[i], top_k)
+                    errors.setdefault(f"{name}_oracle", []).append(relative_error(moe_output(moe, ho[i], oracle), y))
+            row = {"config": config, "activation": round((top_k + shared) / (experts + shared), 4),
+                   "variant": variant or "shipped", "calibration": "mixed" if calib is None else "P&P",
+                   "tokens": tokens, **{k: round(sum(v) / len(v), 4) for k, v in errors.items()},
+                   "s": round(time.perf_counter() - t, 1)}
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,12 @@ class LayerRunner:
         module.to("meta")  # drop the weights: one layer in memory at a time
         return x.reshape(-1, x.shape[-1])
 
+    def residual(self) -> torch.Tensor:
+        """The residual stream after layer `i`'s attention ([tokens, hidden]), between ffn_input() and advance()."""
+        if self._mid is None:
+            raise RuntimeError("call ffn_input() first")
+        return self._mid.reshape(-1, self._mid.shape[-1])
+
     def advance(self, ffn_output: torch.Tensor) -> None:
         """Finish the layer with the given FFN output (dense, or the split layer's for compensation)."""
         if self._mid is None:

@@ -45,9 +45,13 @@ def pattern_features(acts: torch.Tensor, down: torch.Tensor, tokens: int = PATTE
 class ActivationsMethod(SplitMethod):
     name = "activations"
     needs_calibration = True
-    # Calibrate layer i+1 on the split layers' outputs (error compensation)? Off by default: docs/quality.md
-    # measured the dense-input variant only, and the default should be what the numbers describe.
-    sequential = False
+    # Which hidden states calibrate layer i+1 (docs/quality.md compares them on perplexity):
+    #   "dense": the dense model's (every layer fitted in isolation);
+    #   "split": the already-split layers' outputs (each layer fitted to the inputs it will really see);
+    #   "compensate": as "split", and each layer's repair targets the dense model's residual stream, so it
+    #   also undoes the error the layers before it left (a second, dense stream runs alongside).
+    stream = "dense"
+    teacher: LayerRunner | None = None  # the dense stream, when stream == "compensate"
     repair = True
     router_ridge = 1e-3
     down_ridge = 1.0  # measured on held-out text: 1e-2 0.440, 1e-1 0.389, 1.0 0.386 (docs/quality.md)
@@ -68,6 +72,8 @@ class ActivationsMethod(SplitMethod):
         tokens = calibration_tokens(ctx.folder, ctx.calibration, ctx.calibration_tokens)
         ctx.reporter.note(f"calibrating on {tokens.numel()} tokens ({tokens.shape[0]} chunks of {tokens.shape[1]})")
         self.runner = LayerRunner(ctx.folder, ctx.reader, ctx.config, tokens, reporter=ctx.reporter)
+        self.teacher = (LayerRunner(ctx.folder, ctx.reader, ctx.config, tokens, reporter=ctx.reporter)
+                        if self.stream == "compensate" else None)
         self.errors: list[dict[str, Any]] = []
         self.calibrated_tokens = int(tokens.numel())
         self.next_layer = 0
@@ -78,6 +84,8 @@ class ActivationsMethod(SplitMethod):
             names = self.ctx.family.ffn_names(self.next_layer)
             dense = FFNWeights(*(self.ctx.reader.get(n, torch.float32) for n in (names.gate, names.up, names.down)))
             self.runner.advance(dense.forward(self.runner.ffn_input(self.next_layer)))
+            if self.teacher is not None:
+                self.teacher.advance(dense.forward(self.teacher.ffn_input(self.next_layer)))
             self.next_layer += 1
 
     def build(self, layer: int, ffn: FFNWeights) -> MoELayer:
@@ -86,8 +94,13 @@ class ActivationsMethod(SplitMethod):
         self._catch_up(layer)
         x = self.runner.ffn_input(layer)
         self.next_layer = layer + 1
-        moe, y, info = self.split_layer(layer, ffn, x)
-        if self.sequential and info.get("routed"):
+        target = None
+        if self.teacher is not None:  # what this FFN must add to the split stream to land on the dense stream
+            dense_y = ffn.forward(self.teacher.ffn_input(layer))
+            target = self.teacher.residual() + dense_y - self.runner.residual()
+            self.teacher.advance(dense_y)
+        moe, y, info = self.split_layer(layer, ffn, x, target)
+        if self.stream != "dense" and info.get("routed"):
             self.runner.advance(moe_output(moe, x, self.choices(moe, x), feats=self._feats))
         else:
             self.runner.advance(y)
@@ -99,12 +112,14 @@ class ActivationsMethod(SplitMethod):
     def choices(self, moe: MoELayer, x: torch.Tensor) -> torch.Tensor:
         return torch.topk(x @ moe.router.T, self.ctx.top_k, dim=-1).indices
 
-    def split_layer(self, layer: int, ffn: FFNWeights, x: torch.Tensor
+    def split_layer(self, layer: int, ffn: FFNWeights, x: torch.Tensor, target: torch.Tensor | None = None
                     ) -> tuple[MoELayer, torch.Tensor, dict[str, Any]]:
+        """Split one FFN given its inputs x; the repair reproduces `target` (default: the dense FFN's output)."""
         ctx = self.ctx
         m, experts = ctx.expert_size, ctx.experts
         acts = ffn_activations(ffn, x)
         y = acts @ ffn.down.T
+        goal = y if target is None else target
         shared_idx, routed_idx = self.pick_shared(ffn, acts)
         groups = self.group(ffn, acts, routed_idx, layer)
         placeholder = torch.zeros(experts, ffn.gate.shape[1])
@@ -121,12 +136,12 @@ class ActivationsMethod(SplitMethod):
         probe = slice(0, ERROR_TOKENS)  # errors on a sample: the numbers, not the fit, are what this costs
         oracle = torch.topk(norms[probe], ctx.top_k, dim=-1).indices
         info = {"routed": True,
-                "error_oracle": _err(moe, x[probe], oracle, feats[probe], y[probe]),
-                "error_before_repair": _err(moe, x[probe], chosen[probe], feats[probe], y[probe])}
+                "error_oracle": _err(moe, x[probe], oracle, feats[probe], goal[probe]),
+                "error_before_repair": _err(moe, x[probe], chosen[probe], feats[probe], goal[probe])}
         if self.repair:
-            moe = refit_down(moe, x, y, chosen, self.down_ridge, feats=feats)
-            info["error_after_repair"] = _err(moe, x[probe], chosen[probe], feats[probe], y[probe])
-        self._feats = feats  # reused by build() for the sequential stream
+            moe = refit_down(moe, x, goal, chosen, self.down_ridge, feats=feats)
+            info["error_after_repair"] = _err(moe, x[probe], chosen[probe], feats[probe], goal[probe])
+        self._feats = feats  # reused by build() for the split stream
         return moe, y, info
 
     def pick_shared(self, ffn: FFNWeights, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +164,7 @@ class ActivationsMethod(SplitMethod):
         if self.fallback is not None:
             return {"fallback": "weights", "why": "no tokenizer in the model folder"}
         info: dict[str, Any] = {"calibration": self.ctx.calibration or "shipped default (mixed)",
-                                "calibration_tokens": self.calibrated_tokens, "sequential": self.sequential,
+                                "calibration_tokens": self.calibrated_tokens, "stream": self.stream,
                                 "repair": self.repair}
         routed = [e for e in self.errors if e.get("routed")]
         for key in ("error_oracle", "error_before_repair", "error_after_repair"):
