@@ -308,3 +308,22 @@ def test_stage1_holds_out_whole_sequences():
     assert (sequences == sequences[:, :1] + torch.arange(16)).all() and (sequences[:, 0] % 16 == 0).all()
     test, train = _holdout_rows(rows=16, seq_len=16, share=0.2, seed=0)  # one sequence: nothing to hold out
     assert len(test) == 0 and len(train) == 16
+
+
+def test_auto_stage_skips_router_fitting_after_a_calibrated_split(moes, tmp_path):
+    """`--stage auto` runs stage 1 after the data-free split only (it measured worse after a calibrated one)."""
+    from moeify.finetune.run import resolve_stage
+    from moeify.metadata import read_metadata, write_metadata
+
+    assert resolve_stage("auto", moes["mixtral"]) == ("both", None)  # split with method="weights"
+    calibrated = tmp_path / "calibrated"
+    calibrated.mkdir()
+    record = dict(read_metadata(moes["mixtral"])["stages"]["split"])
+    record["options"] = {**record["options"], "method": "activations"}
+    write_metadata(calibrated, "split", record)
+    stage, note = resolve_stage("auto", calibrated)
+    assert stage == "2" and "--stage both" in note
+    assert resolve_stage("both", calibrated) == ("both", None)
+    record["method_info"] = {"fallback": "weights"}  # no tokenizer: split fell back to the data-free method
+    write_metadata(calibrated, "split", record)
+    assert resolve_stage("auto", calibrated) == ("both", None)

@@ -24,7 +24,8 @@ def finetune(
     tokens: Annotated[str | None, typer.Option("--tokens", help="Stage-2 token budget, e.g. 2M, 500k.")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stage-2 steps (instead of --tokens).")]
     = None,
-    stage: Annotated[str, typer.Option("--stage", help="1 (fit routers), 2 (distil) or both.")] = "both",
+    stage: Annotated[str, typer.Option("--stage", help="1 (fit routers), 2 (distil), both, or auto: both after a "
+                                       "data-free split, 2 after a calibrated one.")] = "auto",
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1e-4,
     warmup: Annotated[int | None, typer.Option("--warmup", help="Warmup steps (default 5% of the steps), then "
                                                "cosine decay.")] = None,
