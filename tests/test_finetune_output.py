@@ -4,7 +4,6 @@ after the first one's training; Ctrl-C releases the claim and --resume still con
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from moeify.io.reader import CheckpointReader
 from moeify.progress import Reporter
 from moeify.split import SplitOptions, split_model
 from tests.hostile import leftovers
+from tests.test_finetune import _InterruptAt
 
 torch.set_num_threads(2)
 TEXT = " ".join(f"w{i % 97} w{(i * 7) % 89} w{(i * 13) % 83}" for i in range(600))
@@ -112,22 +112,11 @@ def test_existing_output_is_refused_before_any_work(moe, tmp_path):
     assert leftovers(out) == ["out"] and not checkpoint_dir(out).exists()
 
 
-class _CtrlCAt(Reporter):
-    def __init__(self, step: int):
-        self.step = step
-
-    def track(self, items, description, total=None, postfix=None):
-        for i, item in enumerate(items):
-            if description == "Distilling" and i == self.step:
-                os.kill(os.getpid(), signal.SIGINT)
-            yield item
-
-
 def test_ctrl_c_releases_the_output_and_resume_still_works(moe, tmp_path):
     out = tmp_path / "out"
     options = _options(moe, max_steps=3, checkpoint_every=1)
     with pytest.raises(TrainingInterrupted):
-        finetune(moe["moe"], out, options, reporter=_CtrlCAt(2))
+        finetune(moe["moe"], out, options, reporter=_InterruptAt(2))
     assert not out.exists() and not _lock(out).exists()
     assert leftovers(out) == []  # no temporary folder, no lock: only the checkpoint beside it
     assert checkpoint_dir(out).is_dir()
