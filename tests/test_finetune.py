@@ -267,7 +267,8 @@ def test_cli_refuses_bad_options(moes, tmp_path):
 def test_smollm2_stages_lower_perplexity(smollm2_dir, shared_text, tmp_path):
     """SmolLM2 split top-2 of 8, trained on Pride and Prejudice, evaluated on Sense and Sensibility.
 
-    Measured: dense 26.3, split 1373937, stage 1 191278, stage 2 (2048 tokens) 77900.
+    Measured: dense 26.3, split 1373937, stage 1 45830, stage 2 (2048 tokens) 43627 (with the sequence-level
+    holdout of 2026-11-29; before it, stage 1 kept worse routers: 191278, then stage 2 77900).
     """
     from moeify.data import load_tokenizer, tokenize_chunks
     from moeify.finetune.metrics import perplexity
@@ -292,8 +293,8 @@ def test_smollm2_stages_lower_perplexity(smollm2_dir, shared_text, tmp_path):
     dense, split, fitted, tuned = ppl(smollm2_dir), ppl(moe), ppl(stage1), ppl(stage2)
     print(f"perplexity on Sense and Sensibility (512 tokens): dense {dense:.1f}, split {split:.1f}, "
           f"stage 1 {fitted:.1f}, stage 2 ({r2['tokens']} tokens) {tuned:.1f}")
-    assert fitted < split
-    assert tuned < 0.7 * fitted
+    assert fitted < 0.5 * split
+    assert r2["final_loss"] < r2["first_loss"] and tuned < fitted  # 4 steps: the KL and perplexity both fall
     assert tuned > dense  # sanity: 25% of the FFN does not beat the dense model
 
 
