@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import sys
 import time
 import traceback
@@ -134,6 +135,10 @@ def run_child(job: dict) -> None:
 
 
 def serve() -> None:
+    # A shell that starts a job in the background (`cmd &`, some CI runners) makes it ignore SIGINT, and
+    # Python then installs no KeyboardInterrupt handler: a paused run would sleep through the test's
+    # SIGINT and the test would wait forever. Ctrl-C behaviour is what is under test, so restore it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     install()
     for line in sys.stdin:
         job = json.loads(line)
