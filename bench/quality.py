@@ -230,11 +230,8 @@ def _screen_method():
     """ActivationsMethod with the router targets and groupings that `screen` compares (bench-only variants)."""
     import numpy as np
 
-    from moeify.calibrate import ffn_activations
     from moeify.cluster import balanced_kmeans, reduce_features
-    from moeify.methods.activations import ActivationsMethod, _layout
-    from moeify.moe_layer import split_by_groups
-    from moeify.repair import joined_activations, refit_down
+    from moeify.methods.activations import ActivationsMethod
     from moeify.router import fit_linear_router, unit_spread
 
     class ScreenMethod(ActivationsMethod):
@@ -255,23 +252,13 @@ def _screen_method():
             labels = balanced_kmeans(feats, self.ctx.experts, capacity=self.ctx.expert_size, seed=layer)
             return [routed[torch.from_numpy(np.flatnonzero(labels == e))] for e in range(self.ctx.experts)]
 
-        def split_layer(self, layer, ffn, x):
-            ctx = self.ctx
-            m, experts = ctx.expert_size, ctx.experts
-            acts = ffn_activations(ffn, x)
-            y = acts @ ffn.down.T
-            shared_idx, routed_idx = self.pick_shared(ffn, acts)
-            groups = self.group(ffn, acts, routed_idx, layer)
-            moe = split_by_groups(ffn, shared_idx, groups, m, ctx.shared * m, torch.zeros(experts, ffn.gate.shape[1]))
-            feats = joined_activations(acts, _layout(groups, shared_idx, m, ctx.shared * m))
-            norms = torch.stack([feats[:, e * m:(e + 1) * m] @ moe.experts[e].down.T for e in range(experts)],
-                                dim=1).norm(dim=-1)
+        def fit_router(self, x, norms):
             if self.router_target == "lognorm":
-                moe.router = fit_linear_router(x, norms.clamp_min(1e-6).log(), self.router_ridge)
-            elif self.router_target == "ce":
+                return fit_linear_router(x, norms.clamp_min(1e-6).log(), self.router_ridge)
+            if self.router_target == "ce":
                 w = fit_linear_router(x, norms, self.router_ridge).clone().requires_grad_(True)
-                target = torch.zeros_like(norms).scatter_(1, torch.topk(norms, ctx.top_k, dim=-1).indices,
-                                                          1.0 / ctx.top_k)
+                target = torch.zeros_like(norms).scatter_(1, torch.topk(norms, self.ctx.top_k, dim=-1).indices,
+                                                          1.0 / self.ctx.top_k)
                 opt = torch.optim.Adam([w], lr=1e-2)
                 with torch.enable_grad():
                     for _ in range(200):
@@ -279,12 +266,8 @@ def _screen_method():
                         opt.zero_grad()
                         loss.backward()
                         opt.step()
-                moe.router = unit_spread(w.detach(), x)
-            else:
-                moe.router = fit_linear_router(x, norms, self.router_ridge)
-            if self.repair:
-                moe = refit_down(moe, x, y, self.choices(moe, x), self.down_ridge, feats=feats)
-            return moe, y, {}
+                return unit_spread(w.detach(), x)
+            return super().fit_router(x, norms)
 
     return ScreenMethod
 

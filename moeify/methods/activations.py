@@ -135,7 +135,7 @@ class ActivationsMethod(SplitMethod):
         del acts
         norms = torch.stack([feats[:, e * m:(e + 1) * m] @ moe.experts[e].down.T for e in range(experts)],
                             dim=1).norm(dim=-1)  # [tokens, experts]: each expert's true output norm
-        moe.router = fit_linear_router(x, norms, self.router_ridge)
+        moe.router = self.fit_router(x, norms)
         chosen = self.choices(moe, x)
         probe = slice(0, ERROR_TOKENS)  # errors on a sample: the numbers, not the fit, are what this costs
         oracle = torch.topk(norms[probe], ctx.top_k, dim=-1).indices
@@ -147,6 +147,10 @@ class ActivationsMethod(SplitMethod):
             info["error_after_repair"] = _err(moe, x[probe], chosen[probe], feats[probe], goal[probe])
         self._feats = feats  # reused by build() for the split stream
         return moe, y, info
+
+    def fit_router(self, x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """Least squares from the FFN input to each expert's output norm (bench/quality.py compares others)."""
+        return fit_linear_router(x, norms, self.router_ridge)
 
     def pick_shared(self, ffn: FFNWeights, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Shared block = the neurons with the largest mean contribution; the rest are routed."""
