@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--config", default="8x2x0", help="ROUTEDxTOPKxSHARED experts of the split (default 8x2x0: "
                     "top-2 of 8, 25%% active; 14x2x2 is 25%% with 2 shared experts, Qwen2-MoE)")
     ap.add_argument("--no-stage1", action="store_true", help="skip stage 1 (advised after the activations split)")
+    ap.add_argument("--experts-forward", default="auto", choices=["auto", "masked", "stock"],
+                    help="stage 2's experts computation (see docs/finetune.md)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/moeify-finetune-bench"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
@@ -118,11 +120,13 @@ def main() -> None:
         out = work / f"stage2-{method_tag}-{budget}"
         r2 = finetune(stage1, out, FinetuneOptions(teacher=str(dense), stage="2", tokens=budget, lr=args.lr,
                                                    batch_size=batch, device=device, seed=0,
+                                                   experts_forward=args.experts_forward,
                                                    log_file=str(work / f"stage2-{method_tag}-{budget}.jsonl")),
                       overwrite=True, chunks=train)
         report["results"][f"stage2_{budget}"] = {
             **ppl(out), "tokens": r2["tokens"], "steps": r2["steps"], "tokens_per_s": r2["tokens_per_s"],
             "kl_first_last": [r2["first_loss"], r2["final_loss"]], "seconds": r2["timings_s"]["stage2"],
+            "experts_forward": r2["experts_forward"],
             "peak_gpu_memory_gib": round(r2["peak_gpu_memory_bytes"] / 2**30, 2)
             if r2.get("peak_gpu_memory_bytes") else None,
             "expert_load_vs_uniform": r2["load_summary"]}

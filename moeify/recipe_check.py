@@ -46,6 +46,7 @@ def check_recipe(recipe: Recipe, reporter: Reporter = SILENT, fetch_config: bool
     folder = _local_model_folder(recipe.model)
     result = CheckResult("nothing (model not available)", steps)
     try:
+        _check_finetune_options(recipe)
         if folder is not None:
             _check_with_headers(recipe, folder, options, result)
         else:
@@ -61,7 +62,20 @@ def check_recipe(recipe: Recipe, reporter: Reporter = SILENT, fetch_config: bool
 
 
 def _stage_of(e: MoeifyError) -> str:
-    return "" if str(e.message).startswith(("quantize", "split")) else "split: "
+    return "" if str(e.message).startswith(("quantize", "split", "finetune")) else "split: "
+
+
+def _check_finetune_options(recipe: Recipe) -> None:
+    """The finetune section's values (stage, budget, device, experts forward...), checked now rather than
+    after the split has run: the same checks `moeify finetune` makes before it starts."""
+    if "finetune" not in recipe.stages():
+        return
+    from moeify.finetune.run import FinetuneOptions, validate_options
+
+    try:
+        validate_options(FinetuneOptions(**recipe.options("finetune")))
+    except UsageError as e:
+        raise UsageError(f"finetune: {e.message}", e.hint) from None
 
 
 def _local_model_folder(model: str) -> Path | None:

@@ -8,12 +8,15 @@ line on stderr starting with `error:`, no traceback, and no output folder or tem
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -167,9 +170,21 @@ class Run:
     def send_signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 
-    def wait(self) -> int:
+    def wait(self, timeout: float = 300.0) -> int:
+        """The run's exit code; a run still going after `timeout` seconds is killed and fails the test
+        (a lost signal must show as a failure, not hang CI)."""
         if self.returncode is None:
-            self.returncode = json.loads(self.zygote.proc.stdout.readline())["exit"]
+            message: dict = {}
+            reader = threading.Thread(target=lambda: message.update(json.loads(self.zygote.proc.stdout.readline())),
+                                      daemon=True)
+            reader.start()
+            reader.join(timeout)
+            if reader.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                reader.join(30)
+                raise AssertionError(f"run {self.pid} was still going after {timeout:.0f} s; killed it")
+            self.returncode = message["exit"]
         return self.returncode
 
     @property

@@ -78,6 +78,7 @@ def test_distillation_lowers_kl_and_output_is_stock_checkpoint(moes, tmp_path):
     assert list(meta["stages"]) == ["split", "finetune"]
     record = meta["stages"]["finetune"]
     assert record["steps"] == 25 and record["tokens"] == 25 * 4 * SEQ
+    assert record["experts_forward"] == "stock"  # auto: top-2 (the masked forward pays off from top-8)
     assert len(record["router_scales"]) == 2 and all(s > 0 for s in record["router_scales"])
     # The recorded scale is the one written: logits of the saved router = unit direction * scale.
     lines = [json.loads(x) for x in log.read_text().splitlines()]
@@ -188,7 +189,8 @@ def test_lora_with_attention_and_checkpointing_merges_into_stock_layout(moes, tm
     out = tmp_path / "lora"
     chunks = _chunks(16, 6)
     finetune(moes["qwen2_moe"], out, _options(moes, max_steps=3, lora=4, attention_lora=True,
-                                              gradient_checkpointing=True, lr=1e-2), chunks=chunks)
+                                              gradient_checkpointing=True, lr=1e-2, experts_forward="masked"),
+             chunks=chunks)
     a, b = CheckpointReader(moes["qwen2_moe"]), CheckpointReader(out)
     assert a.names() == b.names()  # merged: no adapter tensors, same layout
     changed = {n for n in a.names() if not torch.equal(a.get(n), b.get(n))}
@@ -261,6 +263,9 @@ def test_cli_refuses_bad_options(moes, tmp_path):
     assert result.exit_code == 2 and "--tokens" in result.output
     result = CliRunner().invoke(app, ["finetune", str(moes["dense"]), "-o", str(tmp_path / "x"), "--max-steps", "2"])
     assert result.exit_code == 2 and "moeify split" in result.output
+    result = CliRunner().invoke(app, ["finetune", str(moes["mixtral"]), "-o", str(tmp_path / "x"), "--max-steps", "2",
+                                      "--experts-forward", "fast"])
+    assert result.exit_code == 2 and "--experts-forward" in result.output
 
 
 @pytest.mark.slow

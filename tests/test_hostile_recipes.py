@@ -45,6 +45,9 @@ RECIPES: dict[str, tuple[str, str]] = {  # name -> (text after the valid head, o
     "wrong type": ("quantize:\n  scheme: [block]\n", "scheme"),
     "experts zero": ("split:\n  experts: 0\n", "experts"),
     "top_k above experts": ("split:\n  experts: 4\n  top_k: 9\n", "top"),
+    "finetune without a budget": ("finetune:\n  lr: 0.001\n", "budget"),
+    "finetune unknown stage": ("finetune:\n  tokens: 1000\n  stage: '3'\n", "stage"),
+    "finetune unknown experts forward": ("finetune:\n  tokens: 1000\n  experts_forward: fast\n", "experts-forward"),
 }
 WHOLE: dict[str, tuple[str, str]] = {
     "empty file": ("", "model"),

@@ -47,6 +47,10 @@ def finetune(
     = None,
     calibration_tokens: Annotated[int, typer.Option("--calibration-tokens", help="Stage-1 tokens.")] = 16384,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (data order).")] = 0,
+    experts_forward: Annotated[str, typer.Option("--experts-forward", help="Stage 2's experts computation: "
+                                                 "masked (all experts as one masked dense FFN), stock "
+                                                 "(transformers'), or auto (masked from top-8 up).")]
+    = "auto",
     overwrite: OverwriteOpt = False,
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -69,7 +73,7 @@ def finetune(
             lora=lora, attention_lora=attention_lora, balance_coef=balance_coef,
             gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every, resume=resume,
             device=device, log_file=str(log_file) if log_file else None, seed=seed,
-            calibration_tokens=calibration_tokens)
+            calibration_tokens=calibration_tokens, experts_forward=experts_forward)
         try:
             result = run(moe_dir, output, options, overwrite=overwrite, reporter=out)
         except TrainingInterrupted as e:

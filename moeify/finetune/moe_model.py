@@ -49,7 +49,8 @@ class ScaledRouter(nn.Module):
     def forward(self, hidden_states: torch.Tensor):
         x = hidden_states.reshape(-1, self.hidden_dim)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight_unit) * self.log_scale.exp()
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # never below float32
+            logits = F.linear(x.to(dtype), self.weight_unit.to(dtype)) * self.log_scale.exp().to(dtype)
             probs = logits.softmax(dim=-1)
             top, indices = torch.topk(probs, self.top_k, dim=-1)
             if self.normalize:

@@ -32,6 +32,8 @@ from moeify.source import copy_side_files, resolve_source
 
 STAGES = ("auto", "1", "2", "both")
 DEVICES = ("auto", "cpu", "cuda")
+EXPERTS_FORWARDS = ("auto", "masked", "stock")
+MASKED_MIN_TOP_K = 8  # auto uses the masked forward from top-8 up (docs/finetune.md: wins at 16, loses at 2 and 4)
 CONFIG_FILES = ("config.json", "generation_config.json")
 
 
@@ -60,6 +62,7 @@ class FinetuneOptions:
     seed: int = 0
     calibration_tokens: int = 16384  # stage-1 tokens (taken from the start of the data)
     router_steps: int = 200  # stage-1 optimisation steps per layer
+    experts_forward: str = "auto"  # stage 2: "masked" (one dense masked FFN), "stock" (transformers'), "auto"
 
 
 def validate_options(o: FinetuneOptions) -> None:
@@ -78,6 +81,9 @@ def validate_options(o: FinetuneOptions) -> None:
     finite = all(math.isfinite(v) for v in (o.lr, o.router_scale_lr, o.balance_coef))
     if not finite or not o.lr > 0 or not o.router_scale_lr >= 0 or not o.balance_coef >= 0:
         raise UsageError("--lr must be positive and --balance-coef non-negative (finite numbers)", "e.g. --lr 1e-4")
+    if o.experts_forward not in EXPERTS_FORWARDS:
+        raise UsageError(f"--experts-forward {o.experts_forward!r} is not one of {', '.join(EXPERTS_FORWARDS)}",
+                         "e.g. --experts-forward auto")
     if o.warmup is not None and o.warmup < 0:
         raise UsageError(f"--warmup must be 0 or more (got {o.warmup})", "e.g. --warmup 20")
 
@@ -138,6 +144,23 @@ def load_teacher(folder: Path, device: str):
                                                  trust_remote_code=False)
     model.config.use_cache = False
     return model.eval().requires_grad_(False)
+
+
+def pick_experts_forward(model: torch.nn.Module, requested: str) -> str:
+    """Install the masked experts forward when asked, or (auto) for many active experts per token.
+
+    transformers' grouped forward copies every token once per chosen expert, so its cost grows with top_k,
+    while the masked forward always costs one dense FFN: on SmolLM2 splits (CPU, bench/finetune_step.py)
+    the masked one was about 2x faster at top-16 of 48 and 15-20% slower at top-4 of 28 and top-2 of 8.
+    Returns what the run uses.
+    """
+    from moeify.finetune.masked_experts import use_masked_experts
+
+    top_k = getattr(model.config, "num_experts_per_tok", 1) or 1
+    if requested == "masked" or (requested == "auto" and top_k >= MASKED_MIN_TOP_K):
+        if use_masked_experts(model):
+            return "masked"
+    return "stock"
 
 
 def set_trainable(model: torch.nn.Module) -> int:
@@ -236,6 +259,7 @@ def finetune(moe_dir: str | Path, output: str | Path, options: FinetuneOptions |
             tick = time.perf_counter()
             teacher = load_teacher(teacher_source.folder, device)
             set_trainable(student)
+            record["experts_forward"] = pick_experts_forward(student, options.experts_forward)
             if options.lora or options.attention_lora:
                 from moeify.finetune.lora import add_lora
 
