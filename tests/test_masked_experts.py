@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeify.finetune.masked_experts import restore_experts, use_masked_experts
+from moeify.finetune.masked_experts import use_masked_experts
 from moeify.finetune.moe_model import load_student, moe_blocks
 from moeify.split import SplitOptions, split_model
 
@@ -41,6 +41,8 @@ def test_masked_experts_match_the_reference_loop_forward_and_gradients(split_moe
             block.router.log_scale.fill_(0.0)
     ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
     stock_logits, stock_grads = _logits_and_grads(model, ids)
+    # tokens chose different experts, so the mask really selects per token
+    assert all(b.router.last_indices.unique().numel() > b.router.top_k for b in moe_blocks(model))
     assert use_masked_experts(model) == model.config.num_hidden_layers
     masked_logits, masked_grads = _logits_and_grads(model, ids)
 
@@ -53,10 +55,3 @@ def test_masked_experts_match_the_reference_loop_forward_and_gradients(split_moe
     for name, grad in stock_grads.items():
         err = (masked_grads[name] - grad).abs().max()
         assert err <= 1e-10 * max(grad.abs().max(), 1e-30), (name, err.item())
-    # unchosen experts get exactly zero gradient in both (the point of the mask being exact)
-    for name in expert_grads:
-        assert torch.equal(masked_grads[name] == 0, stock_grads[name] == 0) or name.endswith("down_proj")
-
-    restore_experts(model)
-    again, _ = _logits_and_grads(model, ids)
-    assert torch.equal(again, stock_logits)

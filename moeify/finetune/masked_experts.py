@@ -64,9 +64,3 @@ def use_masked_experts(model: nn.Module) -> int:
             switched += 1
     return switched
 
-
-def restore_experts(model: nn.Module) -> None:
-    """Back to the class's own forward (what stock transformers runs on the written checkpoint)."""
-    for module in model.modules():
-        if "forward" in vars(module) and getattr(module.forward, "__func__", None) is masked_experts_forward:
-            del module.forward
