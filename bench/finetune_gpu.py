@@ -37,6 +37,20 @@ def smollm2_folder() -> Path:
     return resolve_source(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf").folder
 
 
+def cached_split(dense: Path, workdir: Path, config: str, method: str) -> Path:
+    """The SmolLM2 split ROUTEDxTOPKxSHARED, calibrated on Pride and Prejudice like the stages (issue 5's
+    setup), made once per workdir and shared by this script and bench/finetune_step.py."""
+    from moeify.split import SplitOptions, split_model
+
+    experts, top_k, shared = (int(v) for v in config.split("x"))
+    moe = workdir / f"smollm2-{method}-{config}"
+    if not (moe / "config.json").is_file():
+        workdir.mkdir(parents=True, exist_ok=True)
+        split_model(dense, moe, SplitOptions(experts=experts, top_k=top_k, shared=shared, method=method,
+                                             calibration=str(DATA / "pride_and_prejudice.txt")), overwrite=True)
+    return moe
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -71,20 +85,13 @@ def main() -> None:
     from moeify.data import load_tokenizer, tokenize_chunks
     from moeify.finetune import FinetuneOptions, finetune
     from moeify.finetune.metrics import perplexity
-    from moeify.split import SplitOptions, split_model
+    from moeify.methods import DEFAULT_METHOD
 
     dense = smollm2_folder()
     work = args.workdir
-    work.mkdir(parents=True, exist_ok=True)
-    from moeify.methods import DEFAULT_METHOD
-
     method = args.method or DEFAULT_METHOD
-    experts, top_k, shared = (int(v) for v in args.config.split("x"))
     method_tag = f"{method}-{args.config}"
-    moe = work / f"smollm2-{method_tag}"
-    if not (moe / "config.json").is_file():  # split calibrated on P&P, like the stages (issue 5's setup)
-        split_model(dense, moe, SplitOptions(experts=experts, top_k=top_k, shared=shared, method=method,
-                                             calibration=str(DATA / "pride_and_prejudice.txt")), overwrite=True)
+    moe = cached_split(dense, work, args.config, method)
     tok = load_tokenizer(dense)
     train_text = (DATA / "pride_and_prejudice.txt").read_text()
     evals = {"sense_and_sensibility": tokenize_chunks(tok, (DATA / "sense_and_sensibility.txt").read_text(),

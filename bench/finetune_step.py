@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from finetune_gpu import DATA, smollm2_folder
+from finetune_gpu import DATA, cached_split, smollm2_folder
 
 
 def main() -> None:
@@ -41,14 +41,9 @@ def main() -> None:
     from moeify.finetune.moe_model import load_student
     from moeify.finetune.run import load_teacher, pick_experts_forward, set_trainable
     from moeify.methods import DEFAULT_METHOD
-    from moeify.split import SplitOptions, split_model
 
     dense = smollm2_folder()
-    experts, top_k, shared = (int(v) for v in args.config.split("x"))
-    moe = args.workdir / f"smollm2-{DEFAULT_METHOD}-{args.config}"
-    if not (moe / "config.json").is_file():
-        split_model(dense, moe, SplitOptions(experts=experts, top_k=top_k, shared=shared,
-                                             calibration=str(DATA / "pride_and_prejudice.txt")), overwrite=True)
+    moe = cached_split(dense, args.workdir, args.config, DEFAULT_METHOD)
     chunks = tokenize_chunks(load_tokenizer(dense), (DATA / "pride_and_prejudice.txt").read_text(), 512,
                              max_chunks=args.batch_size)
     device = torch.device(args.device)

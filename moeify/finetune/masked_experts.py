@@ -1,18 +1,19 @@
-"""Training-time experts: all experts as one masked dense FFN, instead of transformers' loop over experts.
+"""Training-time experts: all experts of a layer as one masked dense FFN, instead of transformers' forward.
 
-A split MoE has many small experts (48 of 24 neurons for SmolLM2 at 50%), and transformers' eager
-experts forward gathers the tokens of each expert and runs two tiny matmuls per expert, per layer, in
-the forward and again in the backward pass. Because the experts of one layer share the input, the same
+A split MoE can have many small experts (48 of 24 neurons for SmolLM2 at 50%). transformers 5 computes
+them with grouped matmuls (`grouped_mm`, its default; `eager` loops over experts): every token is copied
+once per chosen expert and each expert multiplies its own small group, in the forward and again in the
+backward pass, so the cost grows with top-k. Because the experts of one layer share the input, the same
 function is one wide matmul over all experts' neurons, a per-neuron routing weight (zero for experts a
 token did not choose), and one wide matmul back:
 
     sum_{e in topk} w_e * down_e(silu(gate_e x) * up_e x) = down_all((silu(gate_all x) * up_all x) * mask)
 
-It does E/k times the arithmetic of the sparse forward but in two large GEMMs, with no per-token copies;
-on CPU it measured about 2x faster than transformers' grouped forward at top-16 of 48 and slower at top-2
-and top-4 (docs/finetune.md), hence `--experts-forward auto`. Gradients are identical too: unchosen experts' neurons are
-multiplied by zero, and a router only receives gradient through its chosen experts' weights, as in the
-sparse forward. Only training uses it; the written checkpoint is the stock architecture.
+That is E/k times the arithmetic of the sparse forward, in two large GEMMs with no per-token copies: on
+CPU about 2x faster than `grouped_mm` at top-16 of 48 and slower at top-2 and top-4 (docs/finetune.md),
+hence `--experts-forward auto`. Gradients are identical too: unchosen experts' neurons are multiplied by
+zero, and a router only receives gradient through its chosen experts' weights, as in the sparse forward.
+Only training uses it; the written checkpoint is the stock architecture.
 """
 
 from __future__ import annotations
@@ -63,4 +64,3 @@ def use_masked_experts(model: nn.Module) -> int:
             module.forward = types.MethodType(masked_experts_forward, module)
             switched += 1
     return switched
-
