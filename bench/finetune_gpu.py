@@ -40,7 +40,7 @@ def smollm2_folder() -> Path:
 def cached_split(dense: Path, workdir: Path, config: str, method: str) -> Path:
     """The SmolLM2 split ROUTEDxTOPKxSHARED, calibrated on Pride and Prejudice like the stages (issue 5's
     setup), made once per workdir and shared by this script and bench/finetune_step.py."""
-    from moeify.split import SplitOptions, split_model
+    from moeify.split.convert import SplitOptions, split_model
 
     experts, top_k, shared = (int(v) for v in config.split("x"))
     moe = workdir / f"smollm2-{method}-{config}"
@@ -85,7 +85,7 @@ def main() -> None:
     from moeify.data import load_tokenizer, tokenize_chunks
     from moeify.finetune import FinetuneOptions, finetune
     from moeify.finetune.metrics import perplexity
-    from moeify.methods import DEFAULT_METHOD
+    from moeify.split.methods import DEFAULT_METHOD
 
     dense = smollm2_folder()
     work = args.workdir

@@ -40,7 +40,7 @@ def main() -> None:
     from moeify.finetune.distill import DistillConfig, balance_loss, build_optimizer, kl_to_teacher
     from moeify.finetune.moe_model import load_student
     from moeify.finetune.run import load_teacher, pick_experts_forward, set_trainable
-    from moeify.methods import DEFAULT_METHOD
+    from moeify.split.methods import DEFAULT_METHOD
 
     dense = smollm2_folder()
     moe = cached_split(dense, args.workdir, args.config, DEFAULT_METHOD)

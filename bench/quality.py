@@ -28,14 +28,14 @@ sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data"
 torch.set_num_threads(2)
 
-from moeify.calibrate import LayerRunner  # noqa: E402
 from moeify.data import load_tokenizer, tokenize_chunks  # noqa: E402
-from moeify.methods import METHODS, SplitContext  # noqa: E402
-from moeify.moe_layer import FFNWeights, MoELayer  # noqa: E402
 from moeify.progress import SILENT  # noqa: E402
-from moeify.repair import moe_output  # noqa: E402
-from moeify.router import oracle_choices  # noqa: E402
-from moeify.split import SplitOptions, plan_split  # noqa: E402
+from moeify.split.calibrate import LayerRunner  # noqa: E402
+from moeify.split.convert import SplitOptions, plan_split  # noqa: E402
+from moeify.split.methods import METHODS, SplitContext  # noqa: E402
+from moeify.split.methods.repair import moe_output  # noqa: E402
+from moeify.split.methods.router import oracle_choices  # noqa: E402
+from moeify.split.moe_layer import FFNWeights, MoELayer  # noqa: E402
 
 
 def smollm2_folder() -> Path:
@@ -159,7 +159,7 @@ def cached_inputs(folder: Path, calibration: str | None, tokens: int) -> list[to
     name = CACHE / f"x-{'pp' if calibration else 'mixed'}-{tokens}-spread.pt"  # chunks spread over the text
     if name.exists():
         return torch.load(name)
-    from moeify.calibrate import calibration_tokens
+    from moeify.split.calibrate import calibration_tokens
 
     xs = dense_inputs(folder, calibration_tokens(folder, calibration, tokens))
     torch.save(xs, name)
@@ -230,9 +230,9 @@ def _screen_method():
     """ActivationsMethod with the router targets and groupings that `screen` compares (bench-only variants)."""
     import numpy as np
 
-    from moeify.cluster import balanced_kmeans, reduce_features
-    from moeify.methods.activations import ActivationsMethod
-    from moeify.router import fit_linear_router, unit_spread
+    from moeify.split.methods.activations import ActivationsMethod
+    from moeify.split.methods.cluster import balanced_kmeans, reduce_features
+    from moeify.split.methods.router import fit_linear_router, unit_spread
 
     class ScreenMethod(ActivationsMethod):
         router_target = "norm"  # norm (shipped) | lognorm | ce (Adam on cross-entropy to the oracle top-k)
@@ -242,7 +242,7 @@ def _screen_method():
             if self.grouping == "patterns":
                 return super().group(ffn, acts, routed, layer)
             if self.grouping == "weights":
-                from moeify.methods.weights import neuron_features
+                from moeify.split.methods.weights import neuron_features
 
                 feats = neuron_features(ffn, routed, seed=0)
             else:
@@ -280,7 +280,7 @@ def screen(argv: list[str]) -> None:
     e.g. down_ridge=0.1,repair=0 router_target=lognorm grouping=weights tokens=8192 calib=mixed.
     """
     from moeify.io.reader import CheckpointReader
-    from moeify.repair import relative_error
+    from moeify.split.methods.repair import relative_error
 
     folder = smollm2_folder()
     variants = argv[1:] or [""]

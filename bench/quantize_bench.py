@@ -109,7 +109,7 @@ def prepare_inputs(work: Path, moe: bool) -> dict[str, Path]:
     f32 = resolve_source(gguf).folder
     inputs = {"smollm2-dense": to_bf16(f32, work / "smollm2-bf16")}
     if moe:
-        from moeify.split import SplitOptions, split_model
+        from moeify.split.convert import SplitOptions, split_model
 
         split = work / "smollm2-moe-f32"
         if not split.exists():
@@ -147,7 +147,7 @@ def perplexities(f32: Path, work: Path, chunks_n: int, seq_len: int,
 
     from moeify.data import load_tokenizer, tokenize_chunks
     from moeify.quant import quantize_fp8
-    from moeify.split import SplitOptions, split_model
+    from moeify.split.convert import SplitOptions, split_model
     from tests.reference import perplexity
 
     text = (REPO.parent / "shared" / "data" / "sense_and_sensibility.txt").read_text()

@@ -78,9 +78,9 @@ def folder_bytes(folder: Path) -> int:
 def cluster_64_seconds() -> float:
     import torch
 
-    from moeify.cluster import balanced_kmeans
-    from moeify.methods.weights import neuron_features
-    from moeify.moe_layer import FFNWeights
+    from moeify.split.methods.cluster import balanced_kmeans
+    from moeify.split.methods.weights import neuron_features
+    from moeify.split.moe_layer import FFNWeights
 
     g = torch.Generator().manual_seed(1)
     ffn = FFNWeights(torch.randn(INTER, HIDDEN, generator=g), torch.randn(INTER, HIDDEN, generator=g),

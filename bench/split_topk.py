@@ -20,7 +20,7 @@ import torch
 
 from moeify.evaluate import EvalOptions, evaluate_model
 from moeify.source import resolve_source
-from moeify.split import SplitOptions, split_model
+from moeify.split.convert import SplitOptions, split_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -40,7 +40,7 @@ def prepare(work: Path) -> dict[str, Path]:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from moeify.source import resolve_source
-    from moeify.split import SplitOptions, split_model
+    from moeify.split.convert import SplitOptions, split_model
     from tests.conftest import smollm2_gguf
     from tests.tiny_models import _randomize
 

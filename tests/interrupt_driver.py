@@ -45,7 +45,7 @@ def install() -> None:
     import moeify.io.writer as writer
     import moeify.metadata as metadata
     import moeify.quant.quantize
-    import moeify.split
+    import moeify.split.convert
 
     calls = {"write": 0}
     original_write = writer.ShardedWriter.write
@@ -64,7 +64,7 @@ def install() -> None:
         pause("metadata")
         return original_metadata(*args, **kwargs)
 
-    modules = [moeify.split, moeify.quant.quantize]
+    modules = [moeify.split.convert, moeify.quant.quantize]
     try:
         import transformers  # noqa: F401
 
@@ -77,7 +77,7 @@ def install() -> None:
     for module in modules:
         if hasattr(module, "write_metadata"):
             module.write_metadata = write_metadata
-    import moeify.console as console
+    import moeify.cli.console as console
 
     original_track = console.Output.track
 

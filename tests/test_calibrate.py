@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moeify.calibrate import FIRE_FRACTION, LayerRunner, NeuronStats, calibration_tokens, ffn_activations
 from moeify.io.reader import CheckpointReader, load_json
-from moeify.moe_layer import FFNWeights
+from moeify.split.calibrate import FIRE_FRACTION, LayerRunner, NeuronStats, calibration_tokens, ffn_activations
+from moeify.split.moe_layer import FFNWeights
 from tests.char_tokenizer import add_char_tokenizer
 
 

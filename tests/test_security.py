@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from moeify.cli.common import run_command
-from moeify.console import Output
+from moeify.cli.console import Output
 from tests.hostile import TOKEN, cli, write_checkpoint
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune.\n" * 40
@@ -94,7 +94,7 @@ def test_token_in_no_error_message(dense, tmp_path, token_env, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setattr("moeify.hub.BACKOFF_SECONDS", 0.001)
+    monkeypatch.setattr("moeify.publish.hub.BACKOFF_SECONDS", 0.001)
     traces.run("split", "some-org/some-model", "-o", out, "--token", TOKEN, ok=False)
     traces.run("push", dense, "me/tiny", "--token", TOKEN, ok=False)
     traces.run("quantize", tmp_path / "missing", "--fp8", "-o", out, ok=False)
@@ -128,7 +128,7 @@ def test_token_in_no_artifact_of_a_push_to_a_local_hub(dense, tmp_path, monkeypa
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr("moeify.hub.BACKOFF_SECONDS", 0.001)
+        monkeypatch.setattr("moeify.publish.hub.BACKOFF_SECONDS", 0.001)
         traces = Traces()
         moe = tmp_path / "moe"
         traces.folders.append(moe)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from moeify.arch import target_arch
 from moeify.io.reader import CheckpointReader
-from moeify.split import SplitOptions, expert_size_for, split_model
+from moeify.split.convert import SplitOptions, expert_size_for, split_model
 
 # (tiny model, shared experts, expected architecture)
 FAMILIES = [

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeify.data import load_tokenizer, tokenize_chunks
-from moeify.split import SplitOptions, split_model
+from moeify.split.convert import SplitOptions, split_model
 from tests.reference import perplexity
 
 pytestmark = pytest.mark.slow

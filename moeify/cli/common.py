@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from moeify.console import Output
+from moeify.cli.console import Output
 from moeify.errors import MoeifyError
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")]

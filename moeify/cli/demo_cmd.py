@@ -10,7 +10,7 @@ from rich.table import Table
 
 from moeify.cli import app
 from moeify.cli.common import JsonOpt, QuietOpt, run_command
-from moeify.console import Output
+from moeify.cli.console import Output
 
 
 @app.command("demo")
@@ -29,7 +29,7 @@ def demo(
     out = Output(json_mode, quiet)
 
     def body() -> None:
-        from moeify.demo import run_demo
+        from moeify.pipeline.demo import run_demo
 
         result = run_demo(output, overwrite=overwrite, reporter=out)
         dense = result["rows"][0]

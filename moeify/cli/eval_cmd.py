@@ -10,7 +10,7 @@ from rich.table import Table
 
 from moeify.cli import app
 from moeify.cli.common import JsonOpt, ModelArg, QuietOpt, run_command
-from moeify.console import Output
+from moeify.cli.console import Output
 
 
 @app.command("eval")

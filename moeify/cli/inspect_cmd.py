@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from moeify.cli import app
 from moeify.cli.common import DirArg, JsonOpt, QuietOpt, run_command
-from moeify.console import Output
+from moeify.cli.console import Output
 from moeify.describe import describe
 
 

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from moeify.cli import app
 from moeify.cli.common import DirArg, JsonOpt, QuietOpt, TokenOpt, run_command
-from moeify.console import Output
+from moeify.cli.console import Output
 
 
 @app.command("push")
@@ -44,7 +44,7 @@ def push_command(
     out = Output(json_mode=json_mode, quiet=quiet)
 
     def body() -> None:
-        from moeify.hub import describe_plan, human_size, plan_push, push
+        from moeify.publish.hub import describe_plan, human_size, plan_push, push
 
         plan = plan_push(folder, repo_id, overwrite_card=overwrite_card, reporter=out)
         if dry_run:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from moeify.cli import app
 from moeify.cli.common import DirArg, JsonOpt, OutputOpt, OverwriteOpt, QuietOpt, run_command
-from moeify.console import Output
+from moeify.cli.console import Output
 
 
 class SchemeChoice(str, Enum):

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from moeify.cli import app
 from moeify.cli.common import JsonOpt, QuietOpt, run_command
-from moeify.console import Output
+from moeify.cli.console import Output
 
 recipes_app = typer.Typer(help="The recipes shipped with moeify: list, show, copy to edit.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
@@ -25,7 +25,7 @@ def list_recipes(json_mode: JsonOpt = False, quiet: QuietOpt = False) -> None:
     out = Output(json_mode, quiet)
 
     def body() -> None:
-        from moeify.recipe import load_recipe, shipped_dir, shipped_recipes
+        from moeify.pipeline.recipe import load_recipe, shipped_dir, shipped_recipes
 
         items = []
         table = Table("name", "model", "experts", "stages", box=None, pad_edge=False)
@@ -49,7 +49,7 @@ def show(name: NameArg) -> None:
     out = Output()
 
     def body() -> None:
-        from moeify.recipe import find_recipe
+        from moeify.pipeline.recipe import find_recipe
 
         typer.echo(find_recipe(name).read_text(encoding="utf-8"), nl=False)
 
@@ -68,7 +68,7 @@ def copy(
 
     def body() -> None:
         from moeify.errors import UsageError
-        from moeify.recipe import find_recipe
+        from moeify.pipeline.recipe import find_recipe
 
         src = find_recipe(name)
         target = dest / src.name if dest.is_dir() else dest

@@ -9,11 +9,11 @@ from rich.table import Table
 
 from moeify.cli import app
 from moeify.cli.common import JsonOpt, QuietOpt, TokenOpt, run_command
-from moeify.console import Output
+from moeify.cli.console import Output
 
 if TYPE_CHECKING:
-    from moeify.recipe import Recipe
-    from moeify.recipe_check import CheckResult
+    from moeify.pipeline.checks import CheckResult
+    from moeify.pipeline.recipe import Recipe
 
 RecipeArg = Annotated[str, typer.Argument(help="Recipe file, or the name of a shipped recipe (`moeify recipes "
                                           "list`).")]
@@ -39,7 +39,7 @@ def run(
     out = Output(json_mode, quiet)
 
     def body() -> None:
-        from moeify.pipeline import run_recipe
+        from moeify.pipeline.runner import run_recipe
 
         loaded, check = _load_and_check(recipe, overrides, out)
         if dry_run:
@@ -83,8 +83,8 @@ def _load_and_check(recipe: str, overrides: list[str] | None, out: Output) -> tu
 
     One place, so `validate` and `run` can never disagree about whether a recipe is valid.
     """
-    from moeify.recipe import find_recipe, load_recipe
-    from moeify.recipe_check import check_recipe
+    from moeify.pipeline.checks import check_recipe
+    from moeify.pipeline.recipe import find_recipe, load_recipe
 
     loaded = load_recipe(find_recipe(recipe), overrides or [])
     check = check_recipe(loaded, reporter=out)

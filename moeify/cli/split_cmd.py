@@ -9,9 +9,9 @@ import typer
 
 from moeify.cli import app
 from moeify.cli.common import JsonOpt, ModelArg, OverwriteOpt, QuietOpt, TokenOpt, run_command
-from moeify.console import Output
-from moeify.methods import DEFAULT_METHOD, METHODS
-from moeify.split import SplitOptions, split_model
+from moeify.cli.console import Output
+from moeify.split.convert import SplitOptions, split_model
+from moeify.split.methods import DEFAULT_METHOD, METHODS
 
 
 @app.command()

@@ -1,7 +1,7 @@
 """Stage 1: fit each layer's router to the experts that best rebuild the dense FFN, one layer at a time.
 
 No backpropagation through the model: the dense teacher is stepped layer by layer over calibration
-tokens (moeify.calibrate.LayerRunner), and at each MoE layer every expert's output is computed on the
+tokens (moeify.split.calibrate.LayerRunner), and at each MoE layer every expert's output is computed on the
 teacher's FFN inputs. A split layer is a sum of disjoint neuron blocks, so the error of any top-k choice
 is a quadratic form in a small per-token Gram matrix of [dense - shared, expert_1..expert_E]; that gives
 the best choice per token (exhaustively, or greedily for large E) and the error of any router cheaply.
@@ -162,9 +162,9 @@ def fit_routers(student: torch.nn.Module, teacher_folder: Path, tokens: torch.Te
                 steps: int = 200, seed: int = 0, reporter: Reporter = SILENT) -> list[dict]:
     """Stage 1 over every MoE layer; returns one LayerFit record per layer (as dicts, for moeify.json)."""
     from moeify.arch import source_family
-    from moeify.calibrate import LayerRunner
     from moeify.io.reader import CheckpointReader, load_json
-    from moeify.moe_layer import FFNWeights
+    from moeify.split.calibrate import LayerRunner
+    from moeify.split.moe_layer import FFNWeights
 
     reader = CheckpointReader(teacher_folder)
     config = load_json(Path(teacher_folder) / "config.json", "config.json")

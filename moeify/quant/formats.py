@@ -50,10 +50,11 @@ def scheme_from_config(config: dict[str, Any]) -> str | None:
     if method == "fp8":
         return "block" if qc.get("weight_block_size") else "tensor"
     if method == "compressed-tensors" and qc.get("format") in ("float-quantized", None):
-        strategies = {g.get("weights", {}).get("strategy") for g in (qc.get("config_groups") or {}).values()
-                      if isinstance(g, dict) and isinstance(g.get("weights"), dict)}
-        types = {g.get("weights", {}).get("type") for g in (qc.get("config_groups") or {}).values()
-                 if isinstance(g, dict) and isinstance(g.get("weights"), dict)}
+        groups = qc.get("config_groups")
+        weights = [g["weights"] for g in (groups.values() if isinstance(groups, dict) else [])
+                   if isinstance(g, dict) and isinstance(g.get("weights"), dict)]
+        strategies = {w.get("strategy") for w in weights}
+        types = {w.get("type") for w in weights}
         if types == {"float"} and len(strategies) == 1 and strategies <= {"channel", "tensor"}:
             return strategies.pop()
     return None

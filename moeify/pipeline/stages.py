@@ -88,8 +88,8 @@ def _restrict(annotation: Any, values: tuple[Any, ...]) -> Any:
 
 def _split_choices() -> dict[str, tuple[Any, ...]]:
     from moeify.arch import TARGETS
-    from moeify.methods import METHODS
-    from moeify.split import DTYPES
+    from moeify.split.convert import DTYPES
+    from moeify.split.methods import METHODS
 
     return {"method": tuple(METHODS), "target": tuple(TARGETS), "dtype": tuple(DTYPES)}
 
@@ -107,13 +107,13 @@ def _quantize_choices() -> dict[str, tuple[Any, ...]]:
 
 
 STAGES: dict[str, StageDef] = {s.name: s for s in (
-    StageDef("split", "moeify split", "moeify.split", ("SplitOptions",), choices=_split_choices),
+    StageDef("split", "moeify split", "moeify.split.convert", ("SplitOptions",), choices=_split_choices),
     StageDef("finetune", "moeify finetune", "moeify.finetune", ("FinetuneOptions",), choices=_finetune_choices),
     StageDef("quantize", "moeify quantize --fp8", "moeify.quant.quantize", ("quantize_fp8",),
              supplied=frozenset({"input_dir", "output", "overwrite", "reporter"}), choices=_quantize_choices),
     StageDef("eval", "moeify eval", "moeify.evaluate", ("EvalOptions",), produces_model=False,
              supplied=frozenset({"model", "baseline", "reporter", "output"})),
-    StageDef("push", "moeify push", "moeify.hub", ("plan_push", "push"), produces_model=False,
+    StageDef("push", "moeify push", "moeify.publish.hub", ("plan_push", "push"), produces_model=False,
              supplied=frozenset({"folder", "plan", "token", "reporter", "progress", "retries", "backoff"})),
 )}
 STAGE_ORDER: tuple[str, ...] = tuple(STAGES)

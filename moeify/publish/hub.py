@@ -156,7 +156,7 @@ def validate_folder(folder: str | Path, reporter: Reporter = SILENT) -> tuple[li
 def plan_push(folder: str | Path, repo_id: str, overwrite_card: bool = False,
               reporter: Reporter = SILENT) -> PushPlan:
     """Check the folder and decide the files and the card; touches no network."""
-    from moeify.card import build_card
+    from moeify.publish.card import build_card
 
     folder = Path(folder)
     check_repo_id(repo_id)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from moeify.io.reader import CheckpointReader
-from moeify.moe_layer import FFNWeights
 from moeify.progress import SILENT, Reporter
+from moeify.split.moe_layer import FFNWeights
 
 DEFAULT_SEQ_LEN = 512
 # Fraction of neurons counted as "firing" at a token: the ones with the largest |activation| x |down column|.

@@ -3,7 +3,7 @@
 Loading is strict on purpose. The YAML is read with `yaml.safe_load` semantics only, after a size cap and
 with anchors and aliases refused (a recipe never needs them, and they are how "billion laughs" documents
 blow up). The data is validated by pydantic models with `extra="forbid"` whose stage sections are derived
-from the stages' own option definitions (`moeify.stages`), so a typo fails at load and every error names
+from the stages' own option definitions (`moeify.pipeline.stages`), so a typo fails at load and every error names
 the field *and* the line, found by composing the document to nodes and mapping each key path to its mark.
 Dotted overrides (`split.experts=4`) are applied to the data before validation, so they are typed by the
 same models and their errors name the override instead of a line.
@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from moeify.errors import InputError, UsageError
-from moeify.stages import MISSING, STAGE_ORDER, STAGES
+from moeify.pipeline.stages import MISSING, STAGE_ORDER, STAGES
 
 MAX_RECIPE_BYTES = 256 * 1024
 MAX_NODES = 10_000
@@ -311,7 +311,7 @@ def shipped_dir() -> Path:
     packaged = Path(str(resources.files("moeify") / "recipes"))  # a link to ../recipes in a checkout
     if packaged.is_dir() and any(packaged.glob("*.yaml")):
         return packaged
-    return Path(__file__).resolve().parent.parent / "recipes"  # a checkout where the link did not survive
+    return Path(__file__).resolve().parents[2] / "recipes"  # a checkout where the link did not survive
 
 
 def shipped_recipes() -> dict[str, Path]:

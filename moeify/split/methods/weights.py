@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moeify.cluster import balanced_kmeans, projection_matrix
-from moeify.methods.base import SplitMethod
-from moeify.moe_layer import FFNWeights, MoELayer, split_by_groups
+from moeify.split.methods.base import SplitMethod
+from moeify.split.methods.cluster import balanced_kmeans, projection_matrix
+from moeify.split.moe_layer import FFNWeights, MoELayer, split_by_groups
 
 
 def neuron_features(ffn: FFNWeights, index: torch.Tensor, dims: int = 128, seed: int = 0) -> np.ndarray:

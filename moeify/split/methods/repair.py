@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from moeify.calibrate import ffn_activations
-from moeify.moe_layer import FFNWeights, MoELayer
+from moeify.split.calibrate import ffn_activations
+from moeify.split.moe_layer import FFNWeights, MoELayer
 
 
 def neuron_blocks(moe: MoELayer) -> tuple[FFNWeights, list[int]]:

@@ -27,10 +27,10 @@ from moeify.io.output import atomic_output, check_output_path
 from moeify.io.reader import CheckpointReader, load_json
 from moeify.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
 from moeify.metadata import config_hash, write_metadata
-from moeify.methods import DEFAULT_METHOD, SplitContext, make_method
-from moeify.moe_layer import FFNWeights, MoELayer
 from moeify.progress import SILENT, Reporter
 from moeify.source import Source, copy_side_files, resolve_source
+from moeify.split.methods import DEFAULT_METHOD, SplitContext, make_method
+from moeify.split.moe_layer import FFNWeights, MoELayer
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

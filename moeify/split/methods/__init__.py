@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from moeify.errors import UsageError
-from moeify.methods.activations import ActivationsMethod
-from moeify.methods.base import SplitContext, SplitMethod
-from moeify.methods.weights import WeightsMethod
+from moeify.split.methods.activations import ActivationsMethod
+from moeify.split.methods.base import SplitContext, SplitMethod
+from moeify.split.methods.weights import WeightsMethod
 
 METHODS: dict[str, type[SplitMethod]] = {"activations": ActivationsMethod, "weights": WeightsMethod}
 DEFAULT_METHOD = "activations"

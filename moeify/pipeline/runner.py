@@ -25,9 +25,9 @@ from typing import Any
 
 from moeify.errors import InputError, MoeifyError, UsageError
 from moeify.metadata import METADATA_NAME, read_metadata, write_metadata
+from moeify.pipeline.recipe import Recipe
+from moeify.pipeline.stages import STAGES
 from moeify.progress import SILENT, Reporter
-from moeify.recipe import Recipe
-from moeify.stages import STAGES
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -171,7 +171,7 @@ def _import_stage(stage: str, module: str):
 
 
 def _run_split(step: Step, ctx: RunContext) -> dict[str, Any]:
-    split = _import_stage("split", "moeify.split")
+    split = _import_stage("split", "moeify.split.convert")
     result = split.split_model(ctx.recipe.model, step.output, split.SplitOptions(**step.options),
                                overwrite=step.state == "stale", reporter=ctx.reporter,
                                revision=ctx.recipe.revision, token=ctx.token)
@@ -216,7 +216,7 @@ def _run_eval(step: Step, ctx: RunContext) -> dict[str, Any]:
 def _run_push(step: Step, ctx: RunContext) -> dict[str, Any]:
     from moeify.io.output import atomic_output
 
-    hub = _import_stage("push", "moeify.hub")
+    hub = _import_stage("push", "moeify.publish.hub")
     opts = dict(step.options)
     folder = ctx.last_model(step)
     if folder is None:

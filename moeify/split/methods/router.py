@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moeify.moe_layer import FFNWeights
+from moeify.split.moe_layer import FFNWeights
 
 
 def expert_output_norms(experts: list[FFNWeights], x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:

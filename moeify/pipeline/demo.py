@@ -65,8 +65,8 @@ def run_demo(output: str | Path = DEFAULT_OUTPUT, overwrite: bool = False, repor
     """
     from moeify.data import packaged_text
     from moeify.evaluate import EvalOptions, evaluate_model
-    from moeify.pipeline import run_recipe
-    from moeify.recipe import find_recipe, load_recipe
+    from moeify.pipeline.recipe import find_recipe, load_recipe
+    from moeify.pipeline.runner import run_recipe
     from moeify.source import resolve_source
 
     started = time.perf_counter()

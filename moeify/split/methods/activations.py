@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from moeify.calibrate import LayerRunner, NeuronStats, calibration_tokens, ffn_activations
-from moeify.cluster import balanced_kmeans, reduce_features
-from moeify.methods.base import SplitContext, SplitMethod
-from moeify.moe_layer import FFNWeights, MoELayer, split_by_groups
-from moeify.repair import joined_activations, moe_output, refit_down, relative_error
-from moeify.router import fit_linear_router
+from moeify.split.calibrate import LayerRunner, NeuronStats, calibration_tokens, ffn_activations
+from moeify.split.methods.base import SplitContext, SplitMethod
+from moeify.split.methods.cluster import balanced_kmeans, reduce_features
+from moeify.split.methods.repair import joined_activations, moe_output, refit_down, relative_error
+from moeify.split.methods.router import fit_linear_router
+from moeify.split.moe_layer import FFNWeights, MoELayer, split_by_groups
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 PATTERN_TOKENS = 2048  # tokens whose activation pattern describes a neuron for clustering
@@ -66,7 +66,7 @@ class ActivationsMethod(SplitMethod):
         self.fallback = None
         if not any((Path(ctx.folder) / name).is_file() for name in TOKENIZER_FILES):
             # A bare checkpoint without tokenizer files cannot be calibrated on text: say so, split data-free.
-            from moeify.methods.weights import WeightsMethod
+            from moeify.split.methods.weights import WeightsMethod
 
             ctx.reporter.note("no tokenizer in the model folder, so no calibration: fell back to --method weights "
                               "(copy the tokenizer files in for data-driven splitting)")

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from moeify.errors import InputError, MoeifyError, UsageError
-from moeify.pipeline import Step, plan_run
+from moeify.pipeline.recipe import Recipe
+from moeify.pipeline.runner import Step, plan_run
 from moeify.progress import SILENT, Reporter
-from moeify.recipe import Recipe
 
 
 @dataclass
@@ -40,7 +40,7 @@ class CheckResult:
 def check_recipe(recipe: Recipe, reporter: Reporter = SILENT, fetch_config: bool = True) -> CheckResult:
     """Validate the recipe's options against the model and fill each step's size estimate."""
     steps = plan_run(recipe)
-    from moeify.split import SplitOptions
+    from moeify.split.convert import SplitOptions
 
     options = SplitOptions(**recipe.options("split"))
     folder = _local_model_folder(recipe.model)
@@ -111,7 +111,7 @@ def _fetch_config(recipe: Recipe, reporter: Reporter) -> dict[str, Any] | None:
 
 def _check_with_headers(recipe: Recipe, folder: Path, options, result: CheckResult) -> None:
     from moeify.source import Source
-    from moeify.split import plan_split
+    from moeify.split.convert import plan_split
 
     source = Source(folder, "local", str(folder))
     plan = plan_split(folder, options, source=source)
@@ -159,7 +159,7 @@ def _fp8_estimate(specs, shapes: dict[str, tuple[int, ...]], options: dict[str, 
 
 def _check_with_config(config: dict[str, Any], options, result: CheckResult) -> None:
     """Only config.json is known: the split's option checks and the activation ratio, no sizes."""
-    from moeify.split import activation_ratio, plan_target
+    from moeify.split.convert import activation_ratio, plan_target
 
     target, tp = plan_target(config, options)
     size = tp.expert_size
@@ -179,7 +179,7 @@ def _check_with_config(config: dict[str, Any], options, result: CheckResult) -> 
 
 def check_model_config(recipe: Recipe, config: dict[str, Any]) -> CheckResult:
     """Check a recipe against a given config (tests use the real models' published configs)."""
-    from moeify.split import SplitOptions
+    from moeify.split.convert import SplitOptions
 
     result = CheckResult("config.json only", plan_run(recipe))
     try:

@@ -13,8 +13,8 @@ from typing import Any
 
 from moeify.arch.base import SourceFamily, TargetArch
 from moeify.io.reader import CheckpointReader
-from moeify.moe_layer import FFNWeights, MoELayer
 from moeify.progress import Reporter
+from moeify.split.moe_layer import FFNWeights, MoELayer
 
 
 @dataclass
