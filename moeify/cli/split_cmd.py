@@ -7,15 +7,15 @@ from typing import Annotated
 
 import typer
 
-from moeify.cli import app
-from moeify.cli.common import JsonOpt, ModelArg, OverwriteOpt, QuietOpt, TokenOpt, run_command
+from moeify.cli.common import JsonOpt, ModelArg, OverwriteOpt, QuietOpt, TokenOpt, cli_command
 from moeify.cli.console import Output
 from moeify.split.convert import SplitOptions, split_model
 from moeify.split.methods import DEFAULT_METHOD, METHODS
 
 
-@app.command()
+@cli_command
 def split(
+    out: Output,
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (written atomically).")],
     experts: Annotated[int, typer.Option("--experts", "-e", help="Routed experts per layer.")] = 8,
@@ -43,21 +43,16 @@ def split(
     quiet: QuietOpt = False,
 ) -> None:
     """Split a dense model's FFNs into experts and write a stock MoE checkpoint."""
-    out = Output(json_mode, quiet)
-
-    def body():
-        options = SplitOptions(experts=experts, top_k=top_k, shared=shared, method=method, target=target,
-                               pad_to=pad_to, dense_layers=parse_layers(dense_layers), calibration=calibration,
-                               calibration_tokens=calibration_tokens, dtype=dtype, seed=seed)
-        result = split_model(model, output, options, overwrite=overwrite, reporter=out, revision=revision,
-                             token=token)
-        rows = [("output", result["output"]), ("architecture", result["architecture"]),
-                ("experts", f"{experts} routed (top-{top_k}) + {shared} shared, {result['expert_size']} neurons each"),
-                ("activation ratio", f"{result['activation_ratio']:.1%} of the dense FFN per token"),
-                ("method", method), ("time", f"{result['timings_s']['total']:.1f} s")]
-        out.result({k: v for k, v in result.items() if k != "layers"}, title="split", rows=rows)
-
-    run_command(out, body)
+    options = SplitOptions(experts=experts, top_k=top_k, shared=shared, method=method, target=target,
+                           pad_to=pad_to, dense_layers=parse_layers(dense_layers), calibration=calibration,
+                           calibration_tokens=calibration_tokens, dtype=dtype, seed=seed)
+    result = split_model(model, output, options, overwrite=overwrite, reporter=out, revision=revision,
+                         token=token)
+    rows = [("output", result["output"]), ("architecture", result["architecture"]),
+            ("experts", f"{experts} routed (top-{top_k}) + {shared} shared, {result['expert_size']} neurons each"),
+            ("activation ratio", f"{result['activation_ratio']:.1%} of the dense FFN per token"),
+            ("method", method), ("time", f"{result['timings_s']['total']:.1f} s")]
+    out.result({k: v for k, v in result.items() if k != "layers"}, title="split", rows=rows)
 
 
 def parse_layers(text: str | None) -> list[int]:
