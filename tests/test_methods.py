@@ -109,16 +109,15 @@ def test_every_method_exact_with_all_experts(tiny_models, tmp_path, method, shar
 
 
 @pytest.mark.parametrize("stream", ["split", "compensate"])
-def test_dense_layers_keep_calibration_in_step(tiny_models, tmp_path, monkeypatch, stream):
+def test_dense_layers_keep_calibration_in_step(tiny_models, tmp_path, stream):
     """A layer kept dense is skipped by build(); the calibration stream(s) must still pass through it.
 
     Runs with the split stream (split layer outputs feed the next layer) and with compensation (a dense
     stream beside it), so those paths are covered.
     """
-    monkeypatch.setattr(ActivationsMethod, "stream", stream)
     folder = add_char_tokenizer(tiny_models["llama"], copy_to=tmp_path / "dense")
     options = SplitOptions(experts=4, top_k=2, shared=1, method="activations", calibration_tokens=256,
-                           dense_layers=[0], dtype="float32")
+                           dense_layers=[0], dtype="float32", stream=stream)
     result = split_model(folder, tmp_path / "moe", options)
     assert result["method_info"]["stream"] == stream
     assert result["layers"][0]["dense"] and result["layers"][1]["routed"]
@@ -155,14 +154,14 @@ def test_no_tokenizer_falls_back_to_weights_with_a_note(tiny_models, tmp_path):
     assert any("fell back to --method weights" in n for n in reporter.notes)
 
 
-def test_compensation_starts_from_the_dense_target(tiny_models, tmp_path, monkeypatch):
+def test_compensation_starts_from_the_dense_target(tiny_models, tmp_path):
     """Both streams are the dense model's at layer 0, so compensation changes nothing there, and later layers
     (whose target now includes the upstream error) differ."""
     folder = add_char_tokenizer(tiny_models["llama"], copy_to=tmp_path / "dense")
-    options = SplitOptions(experts=4, top_k=2, method="activations", calibration_tokens=256, dtype="float32")
     runs = {}
     for stream in ("dense", "compensate"):
-        monkeypatch.setattr(ActivationsMethod, "stream", stream)
+        options = SplitOptions(experts=4, top_k=2, method="activations", calibration_tokens=256, dtype="float32",
+                               stream=stream)
         runs[stream] = split_model(folder, tmp_path / f"moe-{stream}", options)["layers"]
     assert runs["dense"][0]["error_after_repair"] == runs["compensate"][0]["error_after_repair"]
     assert runs["dense"][1]["error_before_repair"] != runs["compensate"][1]["error_before_repair"]

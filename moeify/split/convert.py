@@ -11,7 +11,7 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ import torch
 from moeify import __version__
 from moeify.arch import TargetArch, TargetPlan, source_family, target_arch
 from moeify.arch.base import CARRIED_KEYS, IGNORED_KEYS
-from moeify.arch.shapes import check_config_shapes
+from moeify.arch.consistency import check_checkpoint
+from moeify.device import CPU, Compute, check_device_name, resolve_device
 from moeify.errors import InputError, UsageError
 from moeify.io.checks import require_finite as check_finite
 from moeify.io.output import atomic_output, check_output_path
@@ -29,7 +30,9 @@ from moeify.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
 from moeify.metadata import config_hash, write_metadata
 from moeify.progress import SILENT, Reporter
 from moeify.source import Source, copy_side_files, resolve_source
+from moeify.split.allocate import allocate
 from moeify.split.methods import DEFAULT_METHOD, SplitContext, make_method
+from moeify.split.methods.activations import STREAMS, ActivationsMethod
 from moeify.split.moe_layer import FFNWeights, MoELayer
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -40,9 +43,11 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 class SplitOptions:
     """Everything that decides the output of a split; recorded verbatim in moeify.json."""
 
-    experts: int = 8
-    top_k: int = 2
-    shared: int = 0
+    # None = chosen by moeify.split.allocate from `active` and the FFN width (the measured best layout).
+    experts: int | None = None
+    top_k: int | None = None
+    shared: int | None = None
+    active: float | None = None  # share of the FFN per token to aim for (default 0.5) when top_k is not given
     method: str = DEFAULT_METHOD
     target: str | None = None
     pad_to: int = 1
@@ -53,6 +58,14 @@ class SplitOptions:
     dtype: str = "auto"
     seed: int = 0
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    device: str = "auto"  # where calibration, clustering, router fit and repair run (moeify.device)
+    # Settings of the activations method (docs/quality.md measures each); the weights method has none.
+    stream: str = ActivationsMethod.stream
+    router_ridge: float = ActivationsMethod.router_ridge
+    down_ridge: float = ActivationsMethod.down_ridge
+    refine_steps: int = ActivationsMethod.refine_steps
+    refine_lr: float = ActivationsMethod.refine_lr
+    refine_batch: int = ActivationsMethod.refine_batch
 
 
 @dataclass
@@ -69,6 +82,8 @@ class SplitPlan:
     layers: int
     dtype: torch.dtype
     dropped_config_keys: list[str]
+    options: SplitOptions  # with the layout resolved (experts, top_k, shared never None)
+    layout_why: str  # what the layout rules chose, for the user
 
     @property
     def padding(self) -> int:
@@ -89,6 +104,19 @@ def activation_ratio(target_plan: TargetPlan, layers: int, intermediate: int) ->
     moe_layers = layers - len(p.dense_layers)
     active = moe_layers * (p.top_k + p.shared) * p.expert_size + len(p.dense_layers) * intermediate
     return active / (layers * intermediate)
+
+
+def method_settings(options: SplitOptions) -> dict[str, Any]:
+    """The options a method reads itself (its tuning), by name."""
+    return {name: getattr(options, name) for name in ActivationsMethod.settings}
+
+
+def resolve_layout(options: SplitOptions, intermediate: int) -> tuple[SplitOptions, str]:
+    """The options with experts, top-k and shared filled in, and one line saying what was chosen and why."""
+    if isinstance(intermediate, bool) or not isinstance(intermediate, int) or intermediate < 1:
+        raise InputError(f"config.json intermediate_size is {intermediate!r}", "it must be a positive integer")
+    alloc = allocate(intermediate, options.experts, options.top_k, options.shared, options.active)
+    return replace(options, experts=alloc.experts, top_k=alloc.top_k, shared=alloc.shared), alloc.why
 
 
 def validate_options(options: SplitOptions, intermediate: int, layers: int) -> None:
@@ -114,6 +142,18 @@ def validate_options(options: SplitOptions, intermediate: int, layers: int) -> N
         raise UsageError(f"--dense-layers {bad} are outside 0..{layers - 1}", "give layer indices of this model")
     if o.calibration_tokens < 1:
         raise UsageError("--calibration-tokens must be positive", "e.g. --calibration-tokens 4096")
+    check_device_name(o.device)
+    if o.stream not in STREAMS:
+        raise UsageError(f"unknown --stream {o.stream!r}", f"choose one of: {', '.join(STREAMS)}")
+    for name in ("router_ridge", "down_ridge", "refine_lr"):
+        value = getattr(o, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number (got {value})",
+                             f"the default is {getattr(ActivationsMethod, name)}")
+    if o.refine_steps < 0:
+        raise UsageError(f"--refine-steps must be 0 (off) or more (got {o.refine_steps})", "e.g. --refine-steps 200")
+    if o.refine_batch < 1:
+        raise UsageError(f"--refine-batch must be at least 1 (got {o.refine_batch})", "e.g. --refine-batch 512")
 
 
 # transformers 5 runs experts through grouped matmuls that need 16-byte-aligned rows: an expert of 171
@@ -136,6 +176,7 @@ def plan_target(config: dict[str, Any], options: SplitOptions) -> tuple[TargetAr
     """
     family = source_family(config)
     inter, layers = config["intermediate_size"], config["num_hidden_layers"]
+    options, _ = resolve_layout(options, inter)
     validate_options(options, inter, layers)
     target = target_arch(family.choose_target(options.shared, options.target))
     size = expert_size_for(inter, options.experts, options.shared, options.pad_to)
@@ -152,10 +193,11 @@ def plan_split(model: str | Path, options: SplitOptions, reporter: Reporter = SI
     family = source_family(config)
     reader = CheckpointReader(source.folder)
     inter, layers = config["intermediate_size"], config["num_hidden_layers"]
+    options, layout_why = resolve_layout(options, inter)
     target, tplan = plan_target(config, options)
 
-    _check_tensors(reader, family, config)
-    dtype = DTYPES[options.dtype] or reader.info(family.ffn_names(0).gate).dtype
+    check_checkpoint(reader, config)  # layers, tensor sets and shapes against config.json, headers only
+    dtype = DTYPES[options.dtype] or reader.info(family.ffn_tensors(0)[0]).dtype
     if not dtype.is_floating_point or dtype.itemsize < 2:
         raise InputError(f"FFN weights are stored as {dtype}", "split an unquantized (16/32-bit) checkpoint")
     specs = _plan_tensors(reader, family, target, tplan, config, dtype)
@@ -163,29 +205,8 @@ def plan_split(model: str | Path, options: SplitOptions, reporter: Reporter = SI
     target_config["dtype"] = str(dtype).removeprefix("torch.")
     target_config.pop("torch_dtype", None)
     dropped = sorted(k for k in config if k not in CARRIED_KEYS and k not in IGNORED_KEYS and k not in target_config)
-    return SplitPlan(source, config, target, tplan, target_config, specs, inter, layers, dtype, dropped)
-
-
-def _check_tensors(reader: CheckpointReader, family, config: dict[str, Any]) -> None:
-    """The tensors must agree with the config: every layer's FFN present with the right shape, no extra layers."""
-    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    for i in range(layers):
-        names = family.ffn_names(i)
-        for name, shape in ((names.gate, (inter, hidden)), (names.up, (inter, hidden)), (names.down, (hidden, inter))):
-            info = reader.info(name) if name in reader else None
-            if info is None:
-                raise InputError(f"{reader.folder}: tensor {name} is missing",
-                                 "config.json num_hidden_layers does not match the weights, or the checkpoint is "
-                                 "incomplete")
-            if info.shape != shape:
-                raise InputError(f"{reader.folder}: {name} has shape {list(info.shape)}, config.json implies "
-                                 f"{list(shape)}", "hidden_size/intermediate_size in config.json contradict the "
-                                 "weights")
-    extra = sorted({int(m.group(1)) for n in reader.names() if (m := _LAYER.match(n))} - set(range(layers)))
-    if extra:
-        raise InputError(f"{reader.folder}: weights exist for layer {extra[0]} but config.json says "
-                         f"num_hidden_layers = {layers}", "the config does not match the weights")
-    check_config_shapes(reader, config)  # attention, embeddings: the rules quantize checks too
+    return SplitPlan(source, config, target, tplan, target_config, specs, inter, layers, dtype, dropped, options,
+                     layout_why)
 
 
 def _plan_tensors(reader: CheckpointReader, family, target: TargetArch, plan: TargetPlan, config: dict[str, Any],
@@ -193,10 +214,10 @@ def _plan_tensors(reader: CheckpointReader, family, target: TargetArch, plan: Ta
     """All output tensors in writing order: globals first, then each layer, then the rest."""
     hidden = config["hidden_size"]
     head, by_layer, tail = _carried_names(reader, family, config["num_hidden_layers"])
-    specs = [_carried(reader, target, n) for n in head]
+    specs = _carried(reader, family, target, config, head)
     m, e = plan.expert_size, plan.experts
     for i in range(config["num_hidden_layers"]):
-        specs += [_carried(reader, target, n) for n in by_layer.get(i, [])]
+        specs += _carried(reader, family, target, config, by_layer.get(i, []))
         specs += [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in target.extra_tensors(config, i, dtype).items()]
         if i in plan.dense_layers:
             names = target.dense_names(i)
@@ -209,13 +230,13 @@ def _plan_tensors(reader: CheckpointReader, family, target: TargetArch, plan: Ta
         if shared is not None:
             specs += _ffn_specs(shared, plan.shared * m, hidden, dtype)
             specs.append(TensorSpec(target.shared_gate_name(i), torch.float32, (1, hidden)))
-    specs += [_carried(reader, target, n) for n in tail]
+    specs += _carried(reader, family, target, config, tail)
     return specs
 
 
 def _carried_names(reader: CheckpointReader, family, layers: int) -> tuple[list[str], dict[int, list[str]], list[str]]:
     """Tensors copied unchanged: before the layers (embeddings), per layer (attention, norms), after."""
-    ffn = {n for i in range(layers) for n in vars(family.ffn_names(i)).values()}
+    ffn = {n for i in range(layers) for n in family.ffn_tensors(i)}
     head, tail, by_layer = [], [], {}
     for name in reader.names():
         if name in ffn:
@@ -230,9 +251,16 @@ def _carried_names(reader: CheckpointReader, family, layers: int) -> tuple[list[
     return head, {i: sorted(names) for i, names in by_layer.items()}, tail
 
 
-def _carried(reader: CheckpointReader, target: TargetArch, name: str) -> TensorSpec:
-    info = reader.info(name)
-    return TensorSpec(target.rename(name), info.dtype, info.shape)
+def _carried(reader: CheckpointReader, family, target: TargetArch, config: dict[str, Any], names: list[str]
+             ) -> list[TensorSpec]:
+    """The output specs of copied tensors, planned on the meta device through the family's conversion."""
+    specs = []
+    for name in names:
+        info = reader.info(name)
+        meta = torch.empty(info.shape, dtype=info.dtype, device="meta")
+        specs += [TensorSpec(target.rename(n), t.dtype, tuple(t.shape))
+                  for n, t in family.convert_tensor(name, meta, config).items()]
+    return specs
 
 
 def _ffn_specs(names, size: int, hidden: int, dtype: torch.dtype) -> list[TensorSpec]:
@@ -247,9 +275,15 @@ def split_model(model: str | Path, output: str | Path, options: SplitOptions | N
     options = options or SplitOptions()
     started = time.perf_counter()
     plan = plan_split(model, options, reporter, revision, token)
+    options = plan.options
     output = Path(output)
     check_output_path(output, [plan.source.folder], overwrite)
     method = make_method(options.method)
+    reporter.note(plan.layout_why)
+    if options.shared == 0 and options.top_k < options.experts:
+        reporter.note("no shared experts: splits without them measured 2-10x worse perplexity out of domain "
+                      "(docs/quality.md); add --shared N, or leave --top-k out and let --active choose")
+    compute = Compute.for_device(resolve_device(options.device))  # an absent GPU fails here, before any output
     reader = CheckpointReader(plan.source.folder)
     family = source_family(plan.config)
     tplan = plan.target_plan
@@ -260,12 +294,13 @@ def split_model(model: str | Path, output: str | Path, options: SplitOptions | N
         reporter.note(f"config keys not carried to {plan.target.architecture}: {', '.join(plan.dropped_config_keys)}")
     ctx = SplitContext(plan.source.folder, reader, plan.config, family, plan.target, tplan.experts, tplan.top_k,
                        tplan.shared, tplan.expert_size, options.seed, reporter, options.calibration,
-                       options.calibration_tokens, tuple(tplan.dense_layers))
+                       options.calibration_tokens, tuple(tplan.dense_layers), method_settings(options),
+                       compute)
     planned = time.perf_counter()
     with atomic_output(output, overwrite, on_stale=lambda p: reporter.note(f"removed {p.name}, left by a killed run")) \
             as tmp:
         method.prepare(ctx)
-        layer_info = _stream(plan, reader, family, method, tmp, options, reporter)
+        layer_info = _stream(plan, reader, family, method, tmp, options, reporter, compute)
         written = time.perf_counter()
         (tmp / "config.json").write_text(json.dumps(plan.target_config, indent=2) + "\n")
         side = copy_side_files(plan.source.folder, tmp)
@@ -275,6 +310,7 @@ def split_model(model: str | Path, output: str | Path, options: SplitOptions | N
             "target": plan.target.name,
             "architecture": plan.target.architecture,
             "options": {**asdict(options), "expert_size": tplan.expert_size},
+            "layout_choice": plan.layout_why,
             "expert_size": tplan.expert_size,
             "padding_neurons_per_layer": plan.padding,
             "activation_ratio": round(plan.activation_ratio, 6),
@@ -293,20 +329,17 @@ def split_model(model: str | Path, output: str | Path, options: SplitOptions | N
 
 
 def _stream(plan: SplitPlan, reader: CheckpointReader, family, method, folder: Path, options: SplitOptions,
-            reporter: Reporter) -> list[dict[str, Any]]:
+            reporter: Reporter, compute: Compute = CPU) -> list[dict[str, Any]]:
     target, tplan = plan.target, plan.target_plan
     layer_info = []
     head, carried_by_layer, tail = _carried_names(reader, family, plan.layers)
     with ShardedWriter(folder, plan.specs, options.max_shard_bytes, metadata={"moeify_version": __version__}) as w:
-        _copy(reader, w, target, head)
+        _copy(reader, w, family, target, plan.config, head)
         for i in reporter.track(range(plan.layers), "Splitting layers", total=plan.layers):
-            _copy(reader, w, target, carried_by_layer.get(i, []))
+            _copy(reader, w, family, target, plan.config, carried_by_layer.get(i, []))
             for name, tensor in target.extra_tensors(plan.config, i, plan.dtype).items():
                 w.write(name, tensor)
-            names = family.ffn_names(i)
-            ffn = FFNWeights(*(reader.get(n, torch.float32) for n in (names.gate, names.up, names.down)))
-            for n, t in zip((names.gate, names.up, names.down), (ffn.gate, ffn.up, ffn.down), strict=True):
-                check_finite(n, t)
+            ffn = family.load_ffn(reader, i)  # checked finite as read
             if i in tplan.dense_layers:
                 dense_names = target.dense_names(i)
                 for n, t in zip((dense_names.gate, dense_names.up, dense_names.down), (ffn.gate, ffn.up, ffn.down),
@@ -314,19 +347,24 @@ def _stream(plan: SplitPlan, reader: CheckpointReader, family, method, folder: P
                     w.write(n, t.to(plan.dtype))
                 layer_info.append({"layer": i, "dense": True})
                 continue
-            moe = method.build(i, ffn)
+            with compute.autocast():  # this layer's tensors on the device; bf16 products there, float32 on CPU
+                moe = method.build(i, FFNWeights(*(compute.put(t) for t in (ffn.gate, ffn.up, ffn.down))))
+            del ffn
             _write_moe_layer(w, target, tplan, i, moe, plan.dtype, options.router_logit_std)
             layer_info.append({"layer": i, "expert_sizes": [e.size for e in moe.experts],
                                "shared_size": moe.shared.size if moe.shared is not None else 0, **moe.info})
-        _copy(reader, w, target, tail)
+            del moe  # written: the next layer's build must not run with this one's experts still held
+        _copy(reader, w, family, target, plan.config, tail)
     return layer_info
 
 
-def _copy(reader: CheckpointReader, w: ShardedWriter, target: TargetArch, names: list[str]) -> None:
+def _copy(reader: CheckpointReader, w: ShardedWriter, family, target: TargetArch, config: dict[str, Any],
+          names: list[str]) -> None:
     for name in names:
         tensor = reader.get(name)
         check_finite(name, tensor)
-        w.write(target.rename(name), tensor)
+        for n, t in family.convert_tensor(name, tensor, config).items():
+            w.write(target.rename(n), t)
 
 
 def _write_moe_layer(w: ShardedWriter, target: TargetArch, tplan: TargetPlan, layer: int, moe: MoELayer,

@@ -25,6 +25,7 @@ import torch
 from moeify.split.calibrate import LayerRunner, NeuronStats, calibration_tokens, ffn_activations
 from moeify.split.methods.base import SplitContext, SplitMethod
 from moeify.split.methods.cluster import balanced_kmeans, reduce_features
+from moeify.split.methods.refine import RefineSettings, refine_layer
 from moeify.split.methods.repair import joined_activations, moe_output, refit_down, relative_error
 from moeify.split.methods.router import fit_linear_router
 from moeify.split.moe_layer import FFNWeights, MoELayer, split_by_groups
@@ -35,18 +36,25 @@ ERROR_TOKENS = 2048  # calibration tokens on which the per-layer errors reported
 
 
 def pattern_features(acts: torch.Tensor, down: torch.Tensor, tokens: int = PATTERN_TOKENS, seed: int = 0
-                     ) -> np.ndarray:
-    """Each neuron as its unit-norm contribution pattern |a_j(t)| x |d_j| over a token sample ([n, tokens])."""
+                     ) -> torch.Tensor:
+    """Each neuron as its unit-norm contribution pattern |a_j(t)| x |d_j| over a token sample ([n, tokens]).
+
+    Stays on the activations' device: the clustering runs there too.
+    """
     g = torch.Generator().manual_seed(seed)
     rows = torch.randperm(acts.shape[0], generator=g)[:tokens]
     pattern = (acts[rows].abs() * down.norm(dim=0)).T
     pattern = pattern / pattern.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return pattern.numpy()
+    return pattern.float()
+
+
+STREAMS = ("compensate", "split", "dense")
 
 
 class ActivationsMethod(SplitMethod):
     name = "activations"
     needs_calibration = True
+    settings = ("stream", "router_ridge", "down_ridge", "refine_steps", "refine_lr", "refine_batch")
     # Which hidden states calibrate layer i+1 (docs/quality.md compares them on perplexity):
     #   "dense": the dense model's (every layer fitted in isolation);
     #   "split": the already-split layers' outputs (each layer fitted to the inputs it will really see);
@@ -59,6 +67,10 @@ class ActivationsMethod(SplitMethod):
     repair = True
     router_ridge = 1e-3
     down_ridge = 1.0  # measured on held-out text: 1e-2 0.440, 1e-1 0.389, 1.0 0.386 (docs/quality.md)
+    refine_steps = 0  # layer-local refinement after the closed-form steps (refine.py); 0 = off
+    refine_lr = RefineSettings.lr
+    refine_batch = RefineSettings.batch
+    chunk_len = 512  # calibration sequence length, set in prepare(): refinement holds out whole sequences
     fallback: SplitMethod | None = None  # set when the model cannot be calibrated (no tokenizer)
 
     def prepare(self, ctx: SplitContext) -> None:
@@ -75,18 +87,21 @@ class ActivationsMethod(SplitMethod):
             return
         tokens = calibration_tokens(ctx.folder, ctx.calibration, ctx.calibration_tokens)
         ctx.reporter.note(f"calibrating on {tokens.numel()} tokens ({tokens.shape[0]} chunks of {tokens.shape[1]})")
-        self.runner = LayerRunner(ctx.folder, ctx.reader, ctx.config, tokens, reporter=ctx.reporter)
-        self.teacher = (LayerRunner(ctx.folder, ctx.reader, ctx.config, tokens, reporter=ctx.reporter)
-                        if self.stream == "compensate" else None)
+        # One runner steps both streams through each loaded layer (the dense one is the teacher's view).
+        streams = 2 if self.stream == "compensate" else 1
+        self.runner = LayerRunner(ctx.folder, ctx.reader, ctx.config, tokens, reporter=ctx.reporter,
+                                  streams=streams, compute=ctx.compute)
+        self.teacher = self.runner.stream(1) if streams == 2 else None
         self.errors: list[dict[str, Any]] = []
         self.calibrated_tokens = int(tokens.numel())
+        self.chunk_len = int(tokens.shape[1])
         self.next_layer = 0
 
     def _catch_up(self, layer: int) -> None:
         """Layers kept dense (never passed to build) still have to move the calibration stream forward."""
         while self.next_layer < layer:
-            names = self.ctx.family.ffn_names(self.next_layer)
-            dense = FFNWeights(*(self.ctx.reader.get(n, torch.float32) for n in (names.gate, names.up, names.down)))
+            stored = self.ctx.family.load_ffn(self.ctx.reader, self.next_layer, dtype=None)
+            dense = FFNWeights(*(self.ctx.compute.put(t) for t in (stored.gate, stored.up, stored.down)))
             self.runner.advance(dense.forward(self.runner.ffn_input(self.next_layer)))
             if self.teacher is not None:
                 self.teacher.advance(dense.forward(self.teacher.ffn_input(self.next_layer)))
@@ -146,6 +161,13 @@ class ActivationsMethod(SplitMethod):
             moe = refit_down(moe, x, goal, chosen, self.down_ridge, feats=feats)
             info["error_after_repair"] = _err(moe, x[probe], chosen[probe], feats[probe], goal[probe])
         self._feats = feats  # reused by build() for the split stream
+        if self.refine_steps > 0:
+            settings = RefineSettings(self.refine_steps, self.refine_lr, self.refine_batch)
+            moe, refine_info = refine_layer(moe, x, goal, ctx.top_k, settings, self.chunk_len, ctx.seed + layer)
+            info.update(refine_info)
+            if refine_info["refined"]:
+                self._feats = None  # gate/up moved: the split stream recomputes the activations
+                info["error_after_refine"] = _err(moe, x[probe], self.choices(moe, x[probe]), None, goal[probe])
         return moe, y, info
 
     def fit_router(self, x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
@@ -184,13 +206,17 @@ class ActivationsMethod(SplitMethod):
 
 def _layout(groups: list[torch.Tensor], shared: torch.Tensor, size: int, shared_size: int) -> torch.Tensor:
     """Dense neuron index of every neuron of the split layer, in MoELayer order (-1 marks padding)."""
-    parts = [torch.cat([g.long(), torch.full((size - len(g),), -1, dtype=torch.long)]) for g in groups]
+    def pad(index: torch.Tensor, to: int) -> torch.Tensor:
+        return torch.cat([index.long(), torch.full((to - len(index),), -1, dtype=torch.long, device=index.device)])
+
+    parts = [pad(g, size) for g in groups]
     if shared_size:
-        parts.append(torch.cat([shared.long(), torch.full((shared_size - len(shared),), -1, dtype=torch.long)]))
+        parts.append(pad(shared, shared_size))
     return torch.cat(parts)
 
 
-def _err(moe: MoELayer, x: torch.Tensor, choices: torch.Tensor, feats: torch.Tensor, y: torch.Tensor) -> float:
+def _err(moe: MoELayer, x: torch.Tensor, choices: torch.Tensor, feats: torch.Tensor | None, y: torch.Tensor
+         ) -> float:
     return round(relative_error(moe_output(moe, x, choices, feats=feats), y), 5)
 
 

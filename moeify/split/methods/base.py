@@ -7,11 +7,12 @@ run the dense model alongside, one layer at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moeify.arch.base import SourceFamily, TargetArch
+from moeify.device import CPU, Compute
 from moeify.io.reader import CheckpointReader
 from moeify.progress import Reporter
 from moeify.split.moe_layer import FFNWeights, MoELayer
@@ -35,14 +36,20 @@ class SplitContext:
     calibration: str | None = None
     calibration_tokens: int = 4096
     dense_layers: tuple[int, ...] = ()
+    settings: dict[str, Any] = field(default_factory=dict)  # the method's own options (SplitOptions fields)
+    compute: Compute = CPU  # where the arithmetic runs (--device) and in which precision
 
 
 class SplitMethod:
     name: str = ""
     needs_calibration: bool = False
+    settings: tuple[str, ...] = ()  # names of SplitOptions fields this method reads into attributes
 
     def prepare(self, ctx: SplitContext) -> None:
         self.ctx = ctx
+        for name in self.settings:
+            if name in ctx.settings:
+                setattr(self, name, ctx.settings[name])
 
     def build(self, layer: int, ffn: FFNWeights) -> MoELayer:
         raise NotImplementedError

@@ -1,0 +1,146 @@
+"""Layer-local refinement: a few hundred Adam steps on one split layer, to reproduce the dense output.
+
+The closed-form steps (router by least squares, down projections by ridge) each fix one part of the
+layer with the others held still, and none of them can move gate and up, which decide what the experts
+compute. Refinement trains all of it at once (every expert's gate, up and down, the shared block and the
+router) on the layer's cached calibration inputs, with the same target the ridge repair uses (the dense
+model's output, or the compensated residual target). It is the blockwise reconstruction of SparseGPT and
+OmniQuant applied to expert splitting: the objective is local, so memory stays at one layer and the cost
+is a few dense-FFN forward/backward passes per step, with no pass through the whole model.
+
+Routing is discrete. The forward uses the hard top-k choice with weight 1 per chosen expert (what the
+written checkpoint computes), and the backward passes the gradient through a softmax of the router
+logits (straight-through), so every expert's logit learns whether raising it would have lowered the
+error at that token. Padding neurons stay zero.
+
+The result is judged on held-out calibration sequences that refinement never trained on; when it does
+not beat the closed-form layer there, the closed-form layer is kept, so refinement can only help.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moeify.split.methods.repair import neuron_blocks
+from moeify.split.methods.router import unit_spread
+from moeify.split.moe_layer import FFNWeights, MoELayer
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    steps: int
+    lr: float = 1e-3  # per step, relative to each tensor's own scale (Adam moves elements by ~lr x std)
+    batch: int = 512  # tokens per step
+    holdout: float = 0.125  # fraction of the calibration sequences kept out of training to judge the result
+    train: tuple[str, ...] = ("gate", "up", "down")
+
+
+def _split_tokens(tokens: int, chunk_len: int, holdout: float) -> tuple[slice, slice]:
+    """Train on the first sequences, hold out the last ones (whole sequences: no leakage inside a text)."""
+    chunks = max(1, tokens // max(chunk_len, 1))
+    held = max(1, math.ceil(chunks * holdout)) if chunks > 1 else 0
+    if held == 0:  # a single sequence: hold out its last tokens instead
+        cut = tokens - max(1, int(tokens * holdout))
+    else:
+        cut = (chunks - held) * chunk_len
+    return slice(0, cut), slice(cut, tokens)
+
+
+class _Trainable(torch.nn.Module):
+    """The split layer as parameters: joined gate/up/down over all neurons (experts, then shared), router."""
+
+    def __init__(self, moe: MoELayer):
+        super().__init__()
+        joined, sizes = neuron_blocks(moe)
+        self.experts = len(moe.experts)
+        self.sizes = sizes
+        self.gate = torch.nn.Parameter(joined.gate.float().clone())
+        self.up = torch.nn.Parameter(joined.up.float().clone())
+        self.down = torch.nn.Parameter(joined.down.float().clone())
+        self.router = torch.nn.Parameter(moe.router.float().clone())
+        live = (joined.gate.abs().sum(1) + joined.up.abs().sum(1) + joined.down.abs().sum(0)) > 0
+        self.register_buffer("live", live.float())  # padding neurons are all-zero and stay so
+        self.register_buffer("expert_of", torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)))
+
+    def forward(self, x: torch.Tensor, top_k: int, straight_through: bool = True) -> torch.Tensor:
+        acts = F.silu(x @ self.gate.T) * (x @ self.up.T) * self.live
+        logits = x @ self.router.T
+        hard = torch.zeros_like(logits).scatter_(1, torch.topk(logits, top_k, dim=-1).indices, 1.0)
+        if straight_through:
+            soft = torch.softmax(logits, dim=-1) * top_k
+            weight = hard + soft - soft.detach()
+        else:
+            weight = hard
+        if len(self.sizes) > self.experts:  # the shared block always runs, with weight 1
+            weight = torch.cat([weight, torch.ones_like(weight[:, :1])], dim=1)
+        return (acts * weight[:, self.expert_of]) @ self.down.T
+
+    def to_moe(self, moe: MoELayer, x: torch.Tensor) -> MoELayer:
+        gate, up, down = (t.detach() for t in (self.gate, self.up, self.down))
+        live = self.live.bool()
+        gate, up, down = gate * live[:, None], up * live[:, None], down * live[None, :]
+        bounds = torch.tensor([0, *self.sizes]).cumsum(0).tolist()
+        blocks = [FFNWeights(gate[a:b].contiguous(), up[a:b].contiguous(), down[:, a:b].contiguous())
+                  for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        shared = blocks[self.experts] if len(blocks) > self.experts else None
+        router = unit_spread(self.router.detach().float(), x)
+        return MoELayer(blocks[:self.experts], router, shared, moe.dense, dict(moe.info))
+
+
+def _error(model: _Trainable, x: torch.Tensor, target: torch.Tensor, top_k: int, chunk: int = 4096) -> float:
+    """Relative error of the hard-routed layer (what the checkpoint computes) on the given tokens."""
+    num = den = 0.0
+    with torch.no_grad():
+        for s in range(0, x.shape[0], chunk):
+            y = model(x[s:s + chunk], top_k, straight_through=False)
+            t = target[s:s + chunk]
+            num += float((y - t).pow(2).sum())
+            den += float(t.pow(2).sum())
+    return math.sqrt(num / max(den, 1e-30))
+
+
+def refine_layer(moe: MoELayer, x: torch.Tensor, target: torch.Tensor, top_k: int, settings: RefineSettings,
+                 chunk_len: int, seed: int = 0) -> tuple[MoELayer, dict[str, Any]]:
+    """Refined copy of `moe` (or `moe` itself when refinement does not help on held-out sequences).
+
+    x: [tokens, hidden] the layer's calibration inputs in sequence order; target: what the layer must output.
+    """
+    train, held = _split_tokens(x.shape[0], chunk_len, settings.holdout)
+    x, target = x.float(), target.float()
+    model = _Trainable(moe)
+    before = _error(model, x[held], target[held], top_k)
+    params = {n: p for n, p in model.named_parameters() if n in settings.train}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in params)
+    scale = {name: float(p.detach().std().clamp_min(1e-8)) for name, p in params.items()}
+    opt = torch.optim.Adam([{"params": [p], "lr": settings.lr * scale[n]} for n, p in params.items()],
+                           betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, settings.steps // 10))
+        * 0.5 * (1 + math.cos(math.pi * s / max(1, settings.steps))))
+    xt, tt = x[train], target[train]
+    energy = tt.pow(2).sum(1).mean().clamp_min(1e-30)
+    g = torch.Generator().manual_seed(seed)
+    batch = min(settings.batch, xt.shape[0])
+    first = last = None
+    for _ in range(settings.steps):
+        rows = torch.randint(0, xt.shape[0], (batch,), generator=g)
+        loss = (model(xt[rows], top_k) - tt[rows]).pow(2).sum(1).mean() / energy
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        first = float(loss.detach()) if first is None else first
+        last = float(loss.detach())
+    after = _error(model, x[held], target[held], top_k)
+    info = {"refine_steps": settings.steps, "error_heldout_before_refine": round(before, 5),
+            "error_heldout_after_refine": round(after, 5), "refined": after < before,
+            "refine_train_loss": [round(first or 0.0, 5), round(last or 0.0, 5)]}
+    if after >= before:
+        return moe, info
+    return model.to_moe(moe, x), info

@@ -1,0 +1,84 @@
+"""Layer-local refinement: it lowers the held-out error of a split layer, and never raises it."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import torch
+
+from moeify.split.convert import SplitOptions, split_model
+from moeify.split.methods.activations import ActivationsMethod
+from moeify.split.methods.refine import RefineSettings, _split_tokens, refine_layer
+from moeify.split.methods.repair import moe_output, relative_error
+from moeify.split.moe_layer import FFNWeights
+from tests.char_tokenizer import add_char_tokenizer
+
+CHUNK = 128
+
+
+def _layer(tokens: int = 4096, hidden: int = 32, neurons: int = 64, seed: int = 0):
+    """A random SwiGLU FFN and inputs with some structure (a few dominant directions), split 8 top-2."""
+    g = torch.Generator().manual_seed(seed)
+    ffn = FFNWeights(torch.randn(neurons, hidden, generator=g) / hidden**0.5,
+                     torch.randn(neurons, hidden, generator=g) / hidden**0.5,
+                     torch.randn(hidden, neurons, generator=g) / neurons**0.5)
+    basis = torch.randn(4, hidden, generator=g)
+    x = torch.randn(tokens, 4, generator=g) @ basis + 0.3 * torch.randn(tokens, hidden, generator=g)
+    m = ActivationsMethod()
+    m.ctx = SimpleNamespace(experts=8, shared=0, expert_size=neurons // 8, top_k=2, seed=0)
+    moe, y, _ = m.split_layer(0, ffn, x)
+    return moe, x, y
+
+
+def _heldout_error(moe, x, y, top_k=2):
+    _, held = _split_tokens(x.shape[0], CHUNK, RefineSettings(1).holdout)
+    xh, yh = x[held], y[held]
+    chosen = torch.topk(xh @ moe.router.T, top_k, dim=-1).indices
+    return relative_error(moe_output(moe, xh, chosen), yh)
+
+
+def test_refinement_lowers_the_heldout_error():
+    moe, x, y = _layer()
+    before = _heldout_error(moe, x, y)
+    refined, info = refine_layer(moe, x, y, 2, RefineSettings(steps=150, lr=3e-3), CHUNK)
+    assert info["refined"] is True
+    assert info["error_heldout_before_refine"] == round(before, 5)
+    after = _heldout_error(refined, x, y)
+    assert abs(after - info["error_heldout_after_refine"]) < 1e-4  # the reported figure is the written layer's
+    assert after < 0.95 * before, (before, after)
+    # padding and shapes are untouched: same expert sizes, router still unit-spread
+    assert [e.size for e in refined.experts] == [e.size for e in moe.experts]
+    assert abs(float((x @ refined.router.T).std()) - 1.0) < 1e-3
+
+
+def test_refinement_that_does_not_help_keeps_the_closed_form_layer():
+    moe, x, y = _layer(seed=1)
+    before = _heldout_error(moe, x, y)
+    kept, info = refine_layer(moe, x, y, 2, RefineSettings(steps=30, lr=3.0), CHUNK)  # a step size that diverges
+    assert info["refined"] is False
+    assert info["error_heldout_after_refine"] >= info["error_heldout_before_refine"]
+    assert kept is moe
+    assert _heldout_error(kept, x, y) == before
+
+
+def test_heldout_tokens_are_whole_sequences():
+    train, held = _split_tokens(16 * CHUNK, CHUNK, 0.125)
+    assert (train.stop, held.start, held.stop) == (14 * CHUNK, 14 * CHUNK, 16 * CHUNK)
+    train, held = _split_tokens(100, 512, 0.125)  # one short sequence: its tail is held out
+    assert 0 < train.stop < 100 and held.stop == 100
+
+
+def test_split_records_refinement_per_layer(tiny_models, tmp_path):
+    src = add_char_tokenizer(tiny_models["llama"], copy_to=tmp_path / "src")
+    out = tmp_path / "moe"
+    result = split_model(src, out, SplitOptions(experts=4, top_k=1, shared=1, refine_steps=20, refine_batch=64,
+                                                calibration_tokens=1024))
+    layers = json.loads((out / "moeify.json").read_text())["stages"]["split"]["layers"]
+    assert len(layers) == 2
+    for layer in layers:
+        assert layer["refine_steps"] == 20
+        assert layer["error_heldout_before_refine"] > 0
+        if layer["refined"]:
+            assert layer["error_heldout_after_refine"] < layer["error_heldout_before_refine"]
+    assert result["options"]["refine_steps"] == 20
