@@ -102,8 +102,7 @@ def build_layers(folder: Path, method: str, experts: int, top_k: int, shared: in
         m.prepare(ctx)
     layers = []
     for i in range(plan.layers):
-        names = family.ffn_names(i)
-        ffn = FFNWeights(*(reader.get(n, torch.float32) for n in (names.gate, names.up, names.down)))
+        ffn = family.load_ffn(reader, i)
         layers.append(m.build(i, ffn))
     return layers, m.finish()
 

@@ -6,12 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from moeify.arch import MOE_MODEL_TYPES, SOURCES, source_family
-from moeify.arch.base import require_int
-from moeify.errors import InputError, MoeifyError
+from moeify.arch.names import is_ffn_tensor, moe_layout
+from moeify.errors import MoeifyError
 from moeify.io.reader import CheckpointReader, load_json
 from moeify.metadata import read_metadata
-
-_FFN_MARKERS = (".mlp.", ".block_sparse_moe.")
 
 
 def describe(folder: str | Path) -> dict[str, Any]:
@@ -20,7 +18,7 @@ def describe(folder: str | Path) -> dict[str, Any]:
     reader = CheckpointReader(folder)
     model_type = config.get("model_type")
     params = sum(i.numel for i in reader.tensors.values())
-    ffn_params = sum(i.numel for n, i in reader.tensors.items() if any(m in n for m in _FFN_MARKERS)
+    ffn_params = sum(i.numel for n, i in reader.tensors.items() if is_ffn_tensor(n)
                      and not n.endswith(("weight_scale_inv", "weight_scale", "input_scale")))
     info: dict[str, Any] = {
         "path": str(folder), "model_type": model_type, "architectures": config.get("architectures"),
@@ -58,21 +56,11 @@ def describe(folder: str | Path) -> dict[str, Any]:
 
 def _describe_moe(config: dict[str, Any], reader: CheckpointReader, ffn_params: int) -> dict[str, Any]:
     # A stranger's config: every number used below is checked to be an integer in range first.
-    experts = require_int(config, "num_local_experts" if "num_local_experts" in config else "num_experts")
-    top_k = require_int(config, "num_experts_per_tok", maximum=experts)
-    size = require_int(config, "moe_intermediate_size" if config.get("moe_intermediate_size") is not None
-                       else "intermediate_size")
-    shared_size = (require_int(config, "shared_expert_intermediate_size", minimum=0)
-                   if config.get("shared_expert_intermediate_size") is not None else 0)
-    layers = require_int(config, "num_hidden_layers", maximum=10_000)
-    dense_layers = config.get("mlp_only_layers") or []
-    if not isinstance(dense_layers, list) or not all(isinstance(i, int) and 0 <= i < layers for i in dense_layers):
-        raise InputError(f"config.json: mlp_only_layers must list layer indices below {layers}",
-                         "the config is corrupt")
-    hidden = require_int(config, "hidden_size")
-    per_neuron = 3 * hidden
-    moe_layers = layers - len(dense_layers)
-    dense_size = require_int(config, "intermediate_size") if dense_layers else 0
+    layout = moe_layout(config)
+    experts, top_k, size, shared_size = layout.experts, layout.top_k, layout.expert_size, layout.shared_size
+    dense_layers, dense_size = layout.dense_layers, layout.dense_size
+    per_neuron = 3 * layout.hidden
+    moe_layers = layout.layers - len(dense_layers)
     total = per_neuron * (moe_layers * (experts * size + shared_size) + len(dense_layers) * dense_size)
     active = per_neuron * (moe_layers * (top_k * size + shared_size) + len(dense_layers) * dense_size)
     return {

@@ -8,13 +8,14 @@ from moeify.arch.base import FFNNames, SourceFamily, TargetArch, TargetPlan
 from moeify.arch.llama import Llama
 from moeify.arch.mistral import Mistral
 from moeify.arch.mixtral import Mixtral
+from moeify.arch.phi3 import Phi3
 from moeify.arch.qwen2 import Qwen2
 from moeify.arch.qwen2_moe import Qwen2Moe
 from moeify.arch.qwen3 import Qwen3
 from moeify.arch.qwen3_moe import Qwen3Moe
 from moeify.errors import InputError, UnsupportedModelError
 
-SOURCES: list[SourceFamily] = [Llama(), Mistral(), Qwen2(), Qwen3()]
+SOURCES: list[SourceFamily] = [Llama(), Mistral(), Qwen2(), Qwen3(), Phi3()]
 TARGETS: dict[str, TargetArch] = {t.name: t for t in (Mixtral(), Qwen2Moe(), Qwen3Moe())}
 MOE_MODEL_TYPES = {t.model_type: t for t in TARGETS.values()}
 
@@ -37,7 +38,7 @@ def source_family(config: dict[str, Any]) -> SourceFamily:
                                     f"split takes dense models: {supported}")
     raise UnsupportedModelError(
         f"model_type {model_type!r} is not supported",
-        f"supported dense families: {supported} (SwiGLU FFN as mlp.gate/up/down_proj with a stock MoE "
+        f"supported dense families: {supported} (SwiGLU FFN, separate or fused gate/up, with a stock MoE "
         "counterpart in transformers and vLLM)")
 
 

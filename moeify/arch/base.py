@@ -1,18 +1,24 @@
 """The two small interfaces every model family implements: a dense source and an MoE target.
 
 Adding a family means adding one module with one of these classes and listing it in `arch/__init__.py`.
-A source says how to find a layer's FFN and whether its config can be converted at all; a target says
-how the MoE config and tensor names are written so that stock transformers and vLLM load them.
+A source says how to load a layer's FFN, which tensors that consumes, how its other tensors map onto the
+target's layout and whether its config can be converted at all; a target says how the MoE config and
+tensor names are written so that stock transformers and vLLM load them. Nothing outside arch/ spells a
+tensor name of an FFN, an expert or a router: it asks these classes or `arch/names.py`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from moeify.errors import InputError, UnsupportedModelError
+from moeify.io.checks import require_finite
+from moeify.io.reader import CheckpointReader
+from moeify.split.moe_layer import FFNWeights
 
 # Keys of a dense config that carry over to every target unchanged (attention, norms, rope, tokens).
 CARRIED_KEYS = (
@@ -28,7 +34,9 @@ IGNORED_KEYS = {
     "output_hidden_states", "return_dict", "layer_types", "use_sliding_window", "max_window_layers",
     "attention_bias", "qkv_bias", "_attn_implementation_autoset", "id2label", "label2id", "tokenizer_class",
     "chunk_size_feed_forward", "is_encoder_decoder", "problem_type",
+    "resid_pdrop", "embd_pdrop", "original_max_position_embeddings",  # Phi-3: dropouts; longrope only (refused)
 }
+_LAYER_FFN = re.compile(r"^model\.layers\.\d+\.mlp\.")
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,19 @@ def require_int(config: dict[str, Any], key: str, minimum: int = 1, maximum: int
     return value
 
 
+def read_finite(reader: CheckpointReader, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """One stored tensor in `dtype`, refused (named) when it holds NaN or inf."""
+    tensor = reader.get(name, dtype)
+    require_finite(name, tensor)
+    return tensor
+
+
 class SourceFamily:
-    """A dense decoder family whose FFN is `mlp.{gate,up,down}_proj` with SiLU gating."""
+    """A dense decoder family whose FFN is `mlp.{gate,up,down}_proj` with SiLU gating.
+
+    A family with another FFN layout (Phi-3's fused `gate_up_proj`) overrides `ffn_tensors`,
+    `ffn_shapes` and `load_ffn`; one whose attention differs from the target's overrides `convert_tensor`.
+    """
 
     name: str = ""
     model_types: tuple[str, ...] = ()
@@ -72,6 +91,42 @@ class SourceFamily:
     def ffn_names(self, layer: int) -> FFNNames:
         p = f"model.layers.{layer}.mlp."
         return FFNNames(p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight")
+
+    def ffn_tensors(self, layer: int) -> tuple[str, ...]:
+        """The checkpoint tensors layer `layer`'s FFN consumes (not carried to the output as they are)."""
+        names = self.ffn_names(layer)
+        return names.gate, names.up, names.down
+
+    def ffn_shapes(self, layer: int, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        """The shape config.json implies for each tensor of `ffn_tensors(layer)`, checked before any work."""
+        hidden, inter = config["hidden_size"], config["intermediate_size"]
+        names = self.ffn_names(layer)
+        return {names.gate: (inter, hidden), names.up: (inter, hidden), names.down: (hidden, inter)}
+
+    def load_ffn(self, reader: CheckpointReader, layer: int, dtype: torch.dtype | None = torch.float32
+                 ) -> FFNWeights:
+        """Layer `layer`'s FFN as separate gate [inter, hidden], up [inter, hidden] and down [hidden, inter].
+
+        In `dtype` (None: as stored). Each stored tensor is checked finite as read, so a NaN is reported
+        under its checkpoint name.
+        """
+        names = self.ffn_names(layer)
+        return FFNWeights(*(read_finite(reader, n, dtype) for n in (names.gate, names.up, names.down)))
+
+    def is_ffn_tensor(self, name: str) -> bool:
+        """Whether `name` belongs to some layer's FFN module (what calibration replaces by its capture)."""
+        return bool(_LAYER_FFN.match(name))
+
+    def ffn_norm_name(self, layer: int) -> str:
+        """The RMSNorm whose output is the FFN input (its gain shapes the router's input distribution)."""
+        return f"model.layers.{layer}.post_attention_layernorm.weight"
+
+    def convert_tensor(self, name: str, tensor: torch.Tensor, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """A carried (non-FFN) tensor in the target's layout; may split one into several (fused q/k/v).
+
+        Called on meta tensors to plan the output, and on the real ones to write it: shapes must follow.
+        """
+        return {name: tensor}
 
     def check(self, config: dict[str, Any]) -> None:
         """Refuse configs whose FFN is not plain SwiGLU without bias (the split would be wrong)."""
@@ -107,6 +162,15 @@ class TargetArch:
     # Mixtral renormalises the top-k softmax: each of k near-equal weights is 1/k, so experts are scaled by k.
     renormalizes_top_k: bool = True
     shared_gate_value: float = 1.0  # what the shared expert's gate multiplies by when its weight is zero
+    # The names, as parts: `model.layers.{i}.{moe_block}.{router}` and `....experts.{j}.{expert_parts}`.
+    # arch/names.py builds the patterns quant/, finetune/ and inspect match from these, over all targets.
+    moe_block: str = "mlp"
+    router: str = "gate"
+    expert_parts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
+    shared_block: str | None = None  # `{moe_block}.{shared_block}.{dense_parts}`, when the target has one
+    shared_gate: str | None = None  # `{moe_block}.{shared_gate}`: the shared expert's [1, hidden] gate
+    dense_block: str = "mlp"  # a layer kept dense: `{dense_block}.{dense_parts}`
+    dense_parts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
     def check(self, config: dict[str, Any], plan: TargetPlan, source: SourceFamily) -> None:
         if plan.shared and not self.supports_shared:
@@ -134,20 +198,24 @@ class TargetArch:
         return config
 
     def router_name(self, layer: int) -> str:
-        raise NotImplementedError
+        return f"model.layers.{layer}.{self.moe_block}.{self.router}.weight"
 
     def expert_names(self, layer: int, expert: int) -> FFNNames:
-        raise NotImplementedError
+        p = f"model.layers.{layer}.{self.moe_block}.experts.{expert}."
+        return FFNNames(*(f"{p}{part}.weight" for part in self.expert_parts))
 
     def shared_names(self, layer: int) -> FFNNames | None:
-        return None
+        if self.shared_block is None:
+            return None
+        p = f"model.layers.{layer}.{self.moe_block}.{self.shared_block}."
+        return FFNNames(*(f"{p}{part}.weight" for part in self.dense_parts))
 
     def shared_gate_name(self, layer: int) -> str | None:
-        return None
+        return None if self.shared_gate is None else f"model.layers.{layer}.{self.moe_block}.{self.shared_gate}.weight"
 
     def dense_names(self, layer: int) -> FFNNames:
-        p = f"model.layers.{layer}.mlp."
-        return FFNNames(p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight")
+        p = f"model.layers.{layer}.{self.dense_block}."
+        return FFNNames(*(f"{p}{part}.weight" for part in self.dense_parts))
 
     def rename(self, name: str) -> str:
         """Name of a carried-over (non-FFN) tensor in the target; identical for every family so far."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeify.arch.base import FFNNames, SourceFamily, TargetArch, TargetPlan
+from moeify.arch.base import SourceFamily, TargetArch, TargetPlan
 from moeify.errors import UnsupportedModelError
 
 
@@ -17,6 +17,8 @@ class Mixtral(TargetArch):
     architecture = "MixtralForCausalLM"
     model_type = "mixtral"
     renormalizes_top_k = True
+    moe_block = "block_sparse_moe"
+    expert_parts = ("w1", "w3", "w2")  # gate, up, down
 
     def check(self, config: dict[str, Any], plan: TargetPlan, source: SourceFamily) -> None:
         if plan.shared:
@@ -29,10 +31,3 @@ class Mixtral(TargetArch):
         config = super().build_config(dense, plan)
         config.update(intermediate_size=plan.expert_size, router_jitter_noise=0.0, router_aux_loss_coef=0.001)
         return config
-
-    def router_name(self, layer: int) -> str:
-        return f"model.layers.{layer}.block_sparse_moe.gate.weight"
-
-    def expert_names(self, layer: int, expert: int) -> FFNNames:
-        p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}."
-        return FFNNames(p + "w1.weight", p + "w3.weight", p + "w2.weight")

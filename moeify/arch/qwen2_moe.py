@@ -11,19 +11,15 @@ from typing import Any
 
 import torch
 
-from moeify.arch.base import FFNNames, SourceFamily, TargetArch, TargetPlan
+from moeify.arch.base import SourceFamily, TargetArch, TargetPlan
 from moeify.errors import UnsupportedModelError
 
 
 class QwenMoeNames(TargetArch):
-    """Tensor names shared by Qwen2-MoE and Qwen3-MoE: `mlp.gate` router, `mlp.experts.{j}.*_proj`."""
+    """Tensor names shared by Qwen2-MoE and Qwen3-MoE: `mlp.gate` router, `mlp.experts.{j}.*_proj`.
 
-    def router_name(self, layer: int) -> str:
-        return f"model.layers.{layer}.mlp.gate.weight"
-
-    def expert_names(self, layer: int, expert: int) -> FFNNames:
-        p = f"model.layers.{layer}.mlp.experts.{expert}."
-        return FFNNames(p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight")
+    These are TargetArch's default names; the class stays so that the two Qwen targets read as a pair.
+    """
 
 
 class Qwen2Moe(QwenMoeNames):
@@ -34,6 +30,8 @@ class Qwen2Moe(QwenMoeNames):
     supports_dense_layers = True
     renormalizes_top_k = False
     shared_gate_value = 0.5
+    shared_block = "shared_expert"
+    shared_gate = "shared_expert_gate"
 
     def check(self, config: dict[str, Any], plan: TargetPlan, source: SourceFamily) -> None:
         super().check(config, plan, source)
@@ -59,14 +57,6 @@ class Qwen2Moe(QwenMoeNames):
         if "sliding_window" not in dense or dense.get("sliding_window") is None:
             config["sliding_window"] = None
         return config
-
-
-    def shared_names(self, layer: int) -> FFNNames | None:
-        p = f"model.layers.{layer}.mlp.shared_expert."
-        return FFNNames(p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight")
-
-    def shared_gate_name(self, layer: int) -> str | None:
-        return f"model.layers.{layer}.mlp.shared_expert_gate.weight"
 
     def extra_tensors(self, dense: dict[str, Any], layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Llama/Mistral attention has no q/k/v biases; Qwen2-MoE always has them, so write zeros."""

@@ -1,8 +1,8 @@
 """Writing the trained model back as a standard checkpoint in exactly the input's layout.
 
-transformers 5 holds experts fused in memory (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj`
-[E, H, I]); its `save_pretrained` would write them per expert again through its conversion mapping, but
-the portable layout vLLM and transformers 4 load is the per-expert one `moeify split` wrote. So the
+transformers 5 holds experts fused in memory (arch/names.py: one [E, 2I, H] gate/up and one [E, H, I]
+down tensor per layer); its `save_pretrained` would write them per expert again through its conversion
+mapping, but the portable layout vLLM and transformers 4 load is the per-expert one `moeify split` wrote. So the
 output takes the input's own tensor names, dtypes and shapes (the plan), fills each from the trained
 model — slicing fused experts back apart, folding the router temperature into the router weight — and
 streams them with `ShardedWriter`.
@@ -10,19 +10,15 @@ streams them with `ShardedWriter`.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from moeify import __version__
+from moeify.arch.names import fused_expert_slice, memory_name
 from moeify.io.reader import CheckpointReader
 from moeify.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
-
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.(?:block_sparse_moe|mlp))\.experts\.(\d+)\.(\w+)\.weight$")
-_ROUTER = re.compile(r"^(model\.layers\.\d+\.(?:block_sparse_moe|mlp))\.gate\.weight$")
-_PART = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 
 
 def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -30,11 +26,13 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     from moeify.finetune.moe_model import ScaledRouter
 
     out: dict[str, torch.Tensor] = {}
+    routers = []
     for name, module in model.named_modules():
         if isinstance(module, ScaledRouter):
             out[f"{name}.weight"] = module.effective_weight().detach()
+            routers.append(f"{name}.")
     for name, tensor in model.state_dict().items():
-        if ".gate.weight_unit" in name or ".gate.log_scale" in name:
+        if name.startswith(tuple(routers)):  # the training parametrisation, folded into `.weight` above
             continue
         out[name] = tensor.detach()
     return out
@@ -42,15 +40,15 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def checkpoint_tensor(name: str, trained: dict[str, torch.Tensor]) -> torch.Tensor:
     """The value of input tensor `name` in the trained model (per-expert names sliced from fused ones)."""
-    name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoint name; `mlp` in transformers 5
-    m = _EXPERT.match(name)
-    if m:
-        prefix, expert, part = m.group(1), int(m.group(2)), _PART[m.group(3)]
-        if part == "down":
-            return trained[f"{prefix}.experts.down_proj"][expert]
-        gate_up = trained[f"{prefix}.experts.gate_up_proj"][expert]
+    name = memory_name(name)  # Mixtral's checkpoint block is `mlp` in transformers 5
+    fused = fused_expert_slice(name)
+    if fused:
+        tensor, expert, role = fused
+        if role == "down":
+            return trained[tensor][expert]
+        gate_up = trained[tensor][expert]
         half = gate_up.shape[0] // 2
-        return gate_up[:half] if part == "gate" else gate_up[half:]
+        return gate_up[:half] if role == "gate" else gate_up[half:]
     if name in trained:
         return trained[name]
     if name == "lm_head.weight" and "model.embed_tokens.weight" in trained:

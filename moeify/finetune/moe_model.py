@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeify.arch import MOE_MODEL_TYPES
+from moeify.arch.names import ROUTER_ATTR, fused_experts, shared_expert, sparse_block
 from moeify.errors import InputError
 from moeify.metadata import read_metadata
 
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_TYPES = tuple(MOE_MODEL_TYPES)  # the targets `moeify split` writes, in arch's order
 DEFAULT_ROUTER_SCALE = 1e-5
 
 
@@ -66,7 +68,7 @@ class MoEBlock:
     layer: int
     block: nn.Module  # the SparseMoeBlock
     router: ScaledRouter
-    prefix: str  # checkpoint name prefix of the block, e.g. model.layers.3.block_sparse_moe.
+    prefix: str  # name prefix of the block in the loaded model, e.g. model.layers.3.mlp.
 
     @property
     def experts(self) -> nn.Module:
@@ -103,12 +105,13 @@ def saved_router_scales(folder: Path, layers: int) -> list[float]:
 
 def install_routers(model: nn.Module, scales: list[float]) -> None:
     for layer, module in enumerate(model.model.layers):
-        block = getattr(module, "block_sparse_moe", None) or getattr(module, "mlp", None)
-        gate = getattr(block, "gate", None)
+        found = sparse_block(module)
+        block = found[1] if found else None
+        gate = getattr(block, ROUTER_ATTR, None)
         if gate is None or not hasattr(block, "experts") or isinstance(gate, ScaledRouter):
             continue
         normalize = bool(getattr(gate, "norm_topk_prob", True))  # Mixtral's router always renormalises
-        block.gate = ScaledRouter(gate.weight.data, scales[layer], gate.top_k, normalize)
+        setattr(block, ROUTER_ATTR, ScaledRouter(gate.weight.data, scales[layer], gate.top_k, normalize))
 
 
 def moe_blocks(model: nn.Module) -> Iterator[MoEBlock]:
@@ -116,35 +119,35 @@ def moe_blocks(model: nn.Module) -> Iterator[MoEBlock]:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = getattr(inner, "module", inner)
     for layer, module in enumerate(inner.model.layers):
-        for attr in ("block_sparse_moe", "mlp"):
-            block = getattr(module, attr, None)
-            if block is not None and isinstance(getattr(block, "gate", None), ScaledRouter):
-                yield MoEBlock(layer, block, block.gate, f"model.layers.{layer}.{attr}.")
-                break
+        found = sparse_block(module)
+        if found is not None and isinstance(router := getattr(found[1], ROUTER_ATTR, None), ScaledRouter):
+            yield MoEBlock(layer, found[1], router, f"model.layers.{layer}.{found[0]}.")
 
 
 def uniform_weight(model: nn.Module) -> float:
     """The routing weight of each chosen expert in the near-uniform regime (1/k renormalised, else 1/E)."""
     config = model.config
     experts = getattr(config, "num_local_experts", None) or config.num_experts
-    if config.model_type == "mixtral" or getattr(config, "norm_topk_prob", False):
+    target = MOE_MODEL_TYPES.get(config.model_type)
+    if (target is not None and target.renormalizes_top_k) or getattr(config, "norm_topk_prob", False):
         return 1.0 / config.num_experts_per_tok
     return 1.0 / experts
 
 
 def expert_outputs(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Every routed expert's raw output on x: [experts, tokens, hidden] (before routing weights)."""
-    experts = block.experts
+    gate_up, down = fused_experts(block.experts)
     outs = []
-    for e in range(experts.gate_up_proj.shape[0]):
-        gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-        outs.append(F.linear(F.silu(gate) * up, experts.down_proj[e]))
+    for e in range(gate_up.shape[0]):
+        gate, up = F.linear(x, gate_up[e]).chunk(2, dim=-1)
+        outs.append(F.linear(F.silu(gate) * up, down[e]))
     return torch.stack(outs)
 
 
 def shared_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The always-on part of a block (Qwen2-MoE's gated shared expert), zeros when there is none."""
-    shared = getattr(block, "shared_expert", None)
-    if shared is None:
+    found = shared_expert(block)
+    if found is None:
         return torch.zeros_like(x)
-    return torch.sigmoid(block.shared_expert_gate(x)) * shared(x)
+    shared, gate = found
+    return torch.sigmoid(gate(x)) * shared(x)

@@ -164,7 +164,6 @@ def fit_routers(student: torch.nn.Module, teacher_folder: Path, tokens: torch.Te
     from moeify.arch import source_family
     from moeify.io.reader import CheckpointReader, load_json
     from moeify.split.calibrate import LayerRunner
-    from moeify.split.moe_layer import FFNWeights
 
     reader = CheckpointReader(teacher_folder)
     config = load_json(Path(teacher_folder) / "config.json", "config.json")
@@ -177,8 +176,7 @@ def fit_routers(student: torch.nn.Module, teacher_folder: Path, tokens: torch.Te
     student_device = next(student.parameters()).device
     for i in reporter.track(range(runner.layers), "Fitting routers", total=runner.layers):
         x = runner.ffn_input(i)
-        names = family.ffn_names(i)
-        ffn = FFNWeights(*(reader.get(n, torch.float32) for n in (names.gate, names.up, names.down)))
+        ffn = family.load_ffn(reader, i)
         with torch.no_grad():
             y = ffn.forward(x)
         if i in blocks:

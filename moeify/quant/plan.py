@@ -2,9 +2,8 @@
 
 Quantized: the Linear projections of attention and of the MLP (dense MLP, every routed expert and the
 shared expert), as DeepSeek-V3 does. Left in their source dtype, bit for bit: embeddings, lm_head, all
-norms and biases, routers (`mlp.gate`, `block_sparse_moe.gate`) and Qwen2-MoE's `shared_expert_gate`:
-they are small, and routing decisions flip on small errors. Patterns are anchored at a module boundary
-and at the end, so the router pattern `mlp.gate` can never catch `mlp.gate_proj`.
+norms and biases, routers and Qwen2-MoE's shared-expert gate: they are small, and routing decisions
+flip on small errors. The patterns are arch/names.py's, anchored so a router never catches a projection.
 
 The plan (every output name, dtype and shape, and the output size) is built from the safetensors
 headers alone, so an unsupported or already-quantized input fails in seconds, before any writing.
@@ -18,25 +17,25 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moeify.arch import names
 from moeify.arch.shapes import check_config_shapes
 from moeify.errors import InputError, UnsupportedModelError, UsageError
 from moeify.io.reader import CheckpointReader
 from moeify.io.writer import TensorSpec
 from moeify.quant.fp8 import BLOCK, FP8_DTYPE, SCHEMES, scale_shape
 
-# kind -> anchored pattern over the full tensor name. Order does not matter: they are disjoint.
+# kind -> anchored pattern over the full tensor name. Order does not matter: they are disjoint. The FFN
+# and router patterns come from arch/, which owns every expert and router name.
 QUANTIZED_PATTERNS: dict[str, re.Pattern[str]] = {
     "attention": re.compile(r"^(?:.+\.)?self_attn\.(?:q_proj|k_proj|v_proj|o_proj)\.weight$"),
-    "expert": re.compile(
-        r"^(?:.+\.)?(?:mlp\.experts\.\d+\.(?:gate_proj|up_proj|down_proj)"
-        r"|block_sparse_moe\.experts\.\d+\.(?:w1|w2|w3))\.weight$"),
-    "shared_expert": re.compile(r"^(?:.+\.)?mlp\.shared_experts?\.(?:gate_proj|up_proj|down_proj)\.weight$"),
-    "mlp": re.compile(r"^(?:.+\.)?mlp\.(?:gate_proj|up_proj|down_proj)\.weight$"),
+    "expert": names.EXPERT_WEIGHT,
+    "shared_expert": names.SHARED_EXPERT_WEIGHT,
+    "mlp": names.DENSE_FFN_WEIGHT,
 }
 # Kept on purpose (named in the metadata so readers know they are not FP8). Matched against module names.
-ROUTER_PATTERN = re.compile(r"^(?:.+\.)?(?:mlp\.gate|block_sparse_moe\.gate|mlp\.shared_expert_gate)$")
+ROUTER_PATTERN = names.ROUTER_MODULE
 # Fused expert tensors ([experts, out, in]) are not a layout moeify writes or quantizes.
-FUSED_EXPERTS = re.compile(r"(?:^|\.)experts\.(?:gate_up_proj|down_proj|gate_proj|up_proj|w1|w2|w3)$")
+FUSED_EXPERTS = names.FUSED_EXPERTS
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale", "weight_zero_point", "weight_packed")
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moeify.arch import source_family
 from moeify.io.reader import CheckpointReader
 from moeify.progress import SILENT, Reporter
 from moeify.split.moe_layer import FFNWeights
@@ -60,6 +61,7 @@ class LayerRunner:
 
         self.reader, self.batch, self.reporter = reader, batch, reporter
         self.hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        self.family = source_family(config)  # knows which tensors are the FFN the capture stands in for
         self.hf_config._attn_implementation = "sdpa"
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(self.hf_config, dtype=torch.float32)
@@ -103,7 +105,7 @@ class LayerRunner:
         module = self.inner.layers[layer]
         prefix = f"model.layers.{layer}."
         state = {n[len(prefix):]: self.reader.get(n, torch.float32) for n in self.reader.names()
-                 if n.startswith(prefix) and ".mlp." not in n}
+                 if n.startswith(prefix) and not self.family.is_ffn_tensor(n)}
         module.mlp = _Capture()
         module.to_empty(device="cpu")
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)

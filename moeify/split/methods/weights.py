@@ -53,6 +53,6 @@ class WeightsMethod(SplitMethod):
         labels = balanced_kmeans(feats, experts, capacity=m, seed=ctx.seed + layer)
         groups = [routed_idx[torch.from_numpy(np.flatnonzero(labels == e))] for e in range(experts)]
         centroids = torch.stack([ffn.gate[g].mean(0) if len(g) else torch.zeros(ffn.gate.shape[1]) for g in groups])
-        norm_name = f"model.layers.{layer}.post_attention_layernorm.weight"
+        norm_name = ctx.family.ffn_norm_name(layer)
         gamma = ctx.reader.get(norm_name) if norm_name in ctx.reader else None
         return split_by_groups(ffn, shared_idx, groups, m, ctx.shared * m, unit_router(centroids, gamma))
