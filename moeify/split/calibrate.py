@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from moeify.arch import source_family
+from moeify.device import CPU, Compute
 from moeify.io.reader import CheckpointReader
 from moeify.progress import SILENT, Reporter
 from moeify.split.moe_layer import FFNWeights
@@ -53,13 +54,24 @@ def calibration_tokens(folder: Path, spec: str | None, max_tokens: int, seq_len:
 
 
 class LayerRunner:
-    """The dense decoder stack stepped layer by layer over fixed token chunks."""
+    """The dense decoder stack stepped layer by layer over fixed token chunks, for one or more streams.
+
+    A stream is one hidden-state sequence through the stack. Sequential compensation needs two (the split
+    model's and the dense model's); both are stepped through each layer while it is loaded, so every
+    layer's attention weights and the embedding matrix are read from disk once, not once per stream.
+    `stream(s)` gives a view with the one-stream interface (`ffn_input`, `residual`, `advance`).
+
+    Weights and hidden states live on `compute.device`; only the layer being run is materialised there,
+    and it is dropped (to the meta device) as soon as every stream has passed it.
+    """
 
     def __init__(self, folder: Path, reader: CheckpointReader, config: dict[str, Any], tokens: torch.Tensor,
-                 batch: int = 8, reporter: Reporter = SILENT):
+                 batch: int = 8, reporter: Reporter = SILENT, streams: int = 1, compute: Compute = CPU):
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        self.reader, self.batch, self.reporter = reader, batch, reporter
+        if streams < 1:
+            raise ValueError("a LayerRunner needs at least one stream")
+        self.reader, self.batch, self.reporter, self.compute = reader, batch, reporter, compute
         self.hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         self.family = source_family(config)  # knows which tensors are the FFN the capture stands in for
         self.hf_config._attn_implementation = "sdpa"
@@ -68,21 +80,36 @@ class LayerRunner:
         self.inner = model.model
         self.layers = len(self.inner.layers)
         self.tokens = tokens
-        embed = reader.get("model.embed_tokens.weight", torch.float32)
-        self.hidden = F.embedding(tokens, embed)  # [chunks, seq, hidden]: the next layer's input
+        device = compute.device
+        embed = reader.get("model.embed_tokens.weight")
+        # Gather the rows first, convert after: the float32 vocabulary matrix is never built.
+        first = compute.put(F.embedding(tokens, embed))  # [chunks, seq, hidden]: the next layer's input
         del embed
+        self.hidden: list[torch.Tensor] = [first] * streams  # replaced, never modified in place
         rotary_cls = type(self.inner.rotary_emb)
-        self.rotary = rotary_cls(config=self.hf_config)
-        positions = torch.arange(tokens.shape[1]).unsqueeze(0)
+        self.rotary = rotary_cls(config=self.hf_config).to(device)
+        positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0)
         self.position_ids = positions
-        self.position_embeddings = self.rotary(self.hidden[:1], positions)
+        self.position_embeddings = self.rotary(first[:1], positions)
         self.masks = self._masks()
-        self._mid: torch.Tensor | None = None
+        self._layer: int | None = None  # the layer whose FFN inputs are held
+        self._x: list[torch.Tensor | None] = [None] * streams
+        self._mid: list[torch.Tensor | None] = [None] * streams
+
+    @property
+    def streams(self) -> int:
+        return len(self.hidden)
+
+    def stream(self, index: int) -> _Stream:
+        """A one-stream view of stream `index` (what a second LayerRunner used to be)."""
+        if not 0 <= index < self.streams:
+            raise IndexError(f"stream {index} of {self.streams}")
+        return _Stream(self, index)
 
     def _masks(self) -> dict[str, Any]:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-        probe = self.hidden[: self.batch]
+        probe = self.hidden[0][: self.batch]
         args = dict(config=self.hf_config, inputs_embeds=probe, attention_mask=None, cache=None,
                     position_ids=self.position_ids.expand(probe.shape[0], -1))
         masks = {"full_attention": create_causal_mask(**args)}
@@ -104,46 +131,95 @@ class LayerRunner:
     def _load_layer(self, layer: int) -> torch.nn.Module:
         module = self.inner.layers[layer]
         prefix = f"model.layers.{layer}."
-        state = {n[len(prefix):]: self.reader.get(n, torch.float32) for n in self.reader.names()
+        state = {n[len(prefix):]: self.compute.put(self.reader.get(n)) for n in self.reader.names()
                  if n.startswith(prefix) and not self.family.is_ffn_tensor(n)}
         module.mlp = _Capture()
-        module.to_empty(device="cpu")
+        module.to_empty(device=self.compute.device)
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
         if unexpected or missing:
             raise RuntimeError(f"layer {layer}: checkpoint tensors do not fit the model ({missing or unexpected})")
         return module.eval()
 
     @torch.no_grad()
-    def ffn_input(self, layer: int) -> torch.Tensor:
-        """Run layer `layer` up to its FFN; returns X, the FFN input of every token ([tokens, hidden])."""
+    def _run_layer(self, layer: int) -> None:
+        """Load `layer` once and run every stream up to its FFN; the weights are dropped right after."""
+        pending = [s for s, m in enumerate(self._mid) if m is not None]
+        if pending:
+            raise RuntimeError(f"layer {self._layer}: advance() stream {pending[0]} before running layer {layer}")
         module = self._load_layer(layer)
-        mids = []
-        for start in range(0, self.hidden.shape[0], self.batch):
-            h = self.hidden[start:start + self.batch]
-            rows = h.shape[0]
-            cos, sin = self.position_embeddings
-            out = module(h, attention_mask=self._mask_for(layer, rows),
-                         position_ids=self.position_ids.expand(rows, -1),
-                         position_embeddings=(cos.expand(rows, -1, -1), sin.expand(rows, -1, -1)))
-            mids.append(out[0] if isinstance(out, tuple) else out)
-        x = torch.cat(module.mlp.seen)
-        self._mid = torch.cat(mids)
-        module.mlp.seen.clear()
-        module.to("meta")  # drop the weights: one layer in memory at a time
-        return x.reshape(-1, x.shape[-1])
+        try:
+            with self.compute.autocast():
+                for s, hidden in enumerate(self.hidden):
+                    mids = []
+                    for start in range(0, hidden.shape[0], self.batch):
+                        h = hidden[start:start + self.batch]
+                        rows = h.shape[0]
+                        cos, sin = self.position_embeddings
+                        out = module(h, attention_mask=self._mask_for(layer, rows),
+                                     position_ids=self.position_ids.expand(rows, -1),
+                                     position_embeddings=(cos.expand(rows, -1, -1), sin.expand(rows, -1, -1)))
+                        mids.append((out[0] if isinstance(out, tuple) else out).float())
+                    x = torch.cat(module.mlp.seen).float()
+                    module.mlp.seen.clear()
+                    self._x[s] = x.reshape(-1, x.shape[-1])
+                    self._mid[s] = torch.cat(mids)
+        finally:
+            module.mlp.seen.clear()
+            module.to("meta")  # drop the weights: one layer in memory at a time
+        self._layer = layer
+
+    def ffn_input(self, layer: int, stream: int = 0) -> torch.Tensor:
+        """Run layer `layer` up to its FFN; returns X, the FFN input of every token ([tokens, hidden]).
+
+        The first call for a layer runs every stream through it; the others' inputs are then handed out
+        from memory until that stream is advanced.
+        """
+        if self._layer != layer or self._mid[stream] is None:
+            self._run_layer(layer)
+        x = self._x[stream]
+        if x is None:
+            raise RuntimeError(f"stream {stream}: ffn_input({layer}) already consumed by advance()")
+        return x
+
+    def residual(self, stream: int = 0) -> torch.Tensor:
+        """The residual stream after layer `i`'s attention ([tokens, hidden]), between ffn_input() and advance()."""
+        mid = self._mid[stream]
+        if mid is None:
+            raise RuntimeError("call ffn_input() first")
+        return mid.reshape(-1, mid.shape[-1])
+
+    def advance(self, ffn_output: torch.Tensor, stream: int = 0) -> None:
+        """Finish the layer with the given FFN output (dense, or the split layer's for compensation)."""
+        mid = self._mid[stream]
+        if mid is None:
+            raise RuntimeError("call ffn_input() before advance()")
+        self.hidden[stream] = mid + ffn_output.reshape(mid.shape).to(mid.dtype)
+        self._mid[stream] = None
+        self._x[stream] = None
+
+
+class _Stream:
+    """One stream of a LayerRunner behind the one-stream interface."""
+
+    def __init__(self, runner: LayerRunner, index: int):
+        self.runner, self.index = runner, index
+
+    @property
+    def layers(self) -> int:
+        return self.runner.layers
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.runner.hidden[self.index]
+
+    def ffn_input(self, layer: int) -> torch.Tensor:
+        return self.runner.ffn_input(layer, self.index)
 
     def residual(self) -> torch.Tensor:
-        """The residual stream after layer `i`'s attention ([tokens, hidden]), between ffn_input() and advance()."""
-        if self._mid is None:
-            raise RuntimeError("call ffn_input() first")
-        return self._mid.reshape(-1, self._mid.shape[-1])
+        return self.runner.residual(self.index)
 
     def advance(self, ffn_output: torch.Tensor) -> None:
-        """Finish the layer with the given FFN output (dense, or the split layer's for compensation)."""
-        if self._mid is None:
-            raise RuntimeError("call ffn_input() before advance()")
-        self.hidden = self._mid + ffn_output.reshape(self._mid.shape)
-        self._mid = None
+        self.runner.advance(ffn_output, self.index)
 
 
 def ffn_activations(ffn: FFNWeights, x: torch.Tensor) -> torch.Tensor:

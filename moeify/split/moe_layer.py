@@ -29,7 +29,7 @@ class FFNWeights:
 
     def neurons(self, index: torch.Tensor, size: int | None = None) -> FFNWeights:
         """The block made of the given neurons, zero-padded to `size` (zero neurons output exactly 0)."""
-        index = torch.as_tensor(index, dtype=torch.long)
+        index = torch.as_tensor(index, dtype=torch.long, device=self.gate.device)
         size = size or len(index)
         if len(index) > size:
             raise ValueError(f"{len(index)} neurons do not fit in {size}")

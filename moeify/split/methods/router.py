@@ -29,13 +29,14 @@ def fit_linear_router(x: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-
     Targets are centred per token first: a linear router cannot add a bias, and only which experts beat
     the others at a token matters, not how loud the token is overall.
     """
-    xd = x.double()
-    t = targets.double()
-    t = t - t.mean(dim=1, keepdim=True)
-    gram = xd.T @ xd
-    lam = ridge * gram.diagonal().mean()
-    w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), xd.T @ t)
-    return unit_spread(w.T.float(), x)
+    with torch.autocast(device_type=x.device.type, enabled=False):  # float64 normal equations on every device
+        xd = x.double()
+        t = targets.double()
+        t = t - t.mean(dim=1, keepdim=True)
+        gram = xd.T @ xd
+        lam = ridge * gram.diagonal().mean()
+        w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), xd.T @ t)
+        return unit_spread(w.T.float(), x.float())
 
 
 def unit_spread(router: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

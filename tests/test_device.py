@@ -1,0 +1,208 @@
+"""--device for split and eval, the two-stream runner, torch clustering, and per-layer release of tensors.
+
+All of it runs on the CPU: an absent GPU must be a clean usage error, `--device cpu` must equal the
+default there, and the GPU's precision policy (bf16 products under autocast) is exercised through CPU
+autocast so that dtype mismatches show up here rather than on the first GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from moeify.cli import app
+from moeify.device import Compute, check_device_name, resolve_device
+from moeify.errors import UsageError
+from moeify.io.reader import CheckpointReader, load_json
+from moeify.split.calibrate import LayerRunner
+from moeify.split.convert import SplitOptions, split_model
+from moeify.split.methods.cluster import balanced_assign, balanced_kmeans
+from moeify.split.moe_layer import FFNWeights
+from tests.char_tokenizer import add_char_tokenizer
+from tests.tiny_models import COMMON, _randomize
+
+NO_GPU = not torch.cuda.is_available()
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_device_names_resolve(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    for bad in ("tpu", "cuda:", "cuda:x", "gpu"):
+        with pytest.raises(UsageError, match="--device"):
+            check_device_name(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(UsageError) as e:
+        resolve_device("cuda:0")
+    assert e.value.exit_code == 2 and "no CUDA GPU" in e.value.message and "--device cpu" in e.value.hint
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda", 0) and resolve_device("cuda") == torch.device("cuda", 0)
+    with pytest.raises(UsageError, match="only 1 CUDA GPU visible"):
+        resolve_device("cuda:1")
+    assert Compute.for_device(torch.device("cuda", 0)).matmul_dtype == torch.bfloat16
+    assert Compute.for_device("cpu").matmul_dtype is None
+
+
+@pytest.mark.skipif(not NO_GPU, reason="needs a machine without a GPU")
+@pytest.mark.parametrize("command", ["split", "eval"])
+def test_unavailable_device_is_one_line_exit_2_and_no_output(tiny_models, tmp_path, command):
+    out = tmp_path / "moe"
+    args = ([command, str(tiny_models["llama"]), "-e", "2", "-k", "1", "-o", str(out)] if command == "split"
+            else [command, str(tiny_models["llama"])])
+    result = CliRunner().invoke(app, [*args, "--device", "cuda"])
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cuda" in lines[0] and "--device cpu" in lines[0]
+    assert not out.exists() and not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not NO_GPU, reason="auto picks the GPU where one is visible")
+@pytest.mark.parametrize("method", ["weights", "activations"])
+def test_device_cpu_equals_default(tiny_models, tmp_path, method):
+    dense = add_char_tokenizer(tiny_models["llama"], copy_to=tmp_path / "dense")
+    opts = dict(experts=4, top_k=2, shared=1, method=method, calibration_tokens=256)
+    a = split_model(dense, tmp_path / "auto", SplitOptions(**opts))
+    b = split_model(dense, tmp_path / "cpu", SplitOptions(**opts, device="cpu"))
+    assert a["options"]["device"] == "auto" and b["options"]["device"] == "cpu"
+    ta, tb = _tensors(tmp_path / "auto"), _tensors(tmp_path / "cpu")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_two_streams_in_one_runner_equal_two_runners(tiny_models):
+    """One runner stepping two streams through each loaded layer is bit-identical to two runners."""
+    folder = tiny_models["qwen3"]
+    reader = CheckpointReader(folder)
+    config = load_json(folder / "config.json", "config")
+    tokens = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(2))
+    one = LayerRunner(folder, reader, config, tokens, batch=2, streams=2)
+    first, second = (LayerRunner(folder, reader, config, tokens, batch=2) for _ in range(2))
+    loads = []
+    real_load = one._load_layer
+    one._load_layer = lambda i: loads.append(i) or real_load(i)
+    dense_view = one.stream(1)
+    for i in range(one.layers):
+        p = f"model.layers.{i}.mlp."
+        ffn = FFNWeights(*(reader.get(p + k + "_proj.weight", torch.float32) for k in ("gate", "up", "down")))
+        x0, x1 = one.ffn_input(i), dense_view.ffn_input(i)
+        r0, r1 = first.ffn_input(i), second.ffn_input(i)
+        assert torch.equal(x0, r0) and torch.equal(x1, r1)
+        assert torch.equal(one.residual(0), first.residual()) and torch.equal(dense_view.residual(), second.residual())
+        y_split, y_dense = 0.5 * ffn.forward(x0), ffn.forward(x1)  # the streams diverge from layer 1 on
+        one.advance(y_split, 0)
+        dense_view.advance(y_dense)
+        first.advance(y_split)
+        second.advance(y_dense)
+    assert loads == list(range(one.layers))  # each layer materialised once for both streams
+    assert torch.equal(one.hidden[0], first.hidden[0]) and torch.equal(one.hidden[1], second.hidden[0])
+    assert not torch.equal(one.hidden[0], one.hidden[1])
+
+
+def test_runner_refuses_to_skip_an_unadvanced_stream(tiny_models):
+    folder = tiny_models["llama"]
+    runner = LayerRunner(folder, CheckpointReader(folder), load_json(folder / "config.json", "config"),
+                         torch.zeros(1, 8, dtype=torch.long), streams=2)
+    x = runner.ffn_input(0)
+    runner.advance(torch.zeros_like(x), 0)
+    with pytest.raises(RuntimeError, match="advance"):
+        runner.ffn_input(1)
+
+
+def test_balanced_assignment_respects_capacity_and_is_near_greedy():
+    g = torch.Generator().manual_seed(0)
+    d = torch.rand(500, 7, generator=g)
+    labels = balanced_assign(d.numpy(), capacity=72)
+    assert isinstance(labels, np.ndarray) and (labels >= 0).all() and np.bincount(labels).max() <= 72
+    # The sequential greedy (all pairs in order of distance) as the reference: same total cost within 2%.
+    order = np.argsort(d.numpy(), axis=None, kind="stable")
+    ref = np.full(500, -1)
+    counts = np.zeros(7, dtype=int)
+    for r, c in zip(*np.unravel_index(order, d.shape), strict=True):
+        if ref[r] < 0 and counts[c] < 72:
+            ref[r], counts[c] = c, counts[c] + 1
+    cost = float(d[torch.arange(500), torch.from_numpy(labels)].sum())
+    ref_cost = float(d[torch.arange(500), torch.from_numpy(ref)].sum())
+    assert cost <= 1.02 * ref_cost
+    with pytest.raises(ValueError, match="cannot hold"):
+        balanced_assign(d, capacity=71)
+
+
+def test_balanced_kmeans_recovers_planted_groups():
+    g = torch.Generator().manual_seed(3)
+    centers = 10 * torch.randn(8, 16, generator=g)
+    truth = torch.arange(8).repeat_interleave(40)
+    x = centers[truth] + torch.randn(320, 16, generator=g)
+    labels = balanced_kmeans(x, 8, capacity=40, seed=1)
+    assert np.bincount(labels).tolist() == [40] * 8
+    for k in range(8):  # every planted group is one cluster
+        assert len(set(labels[truth.numpy() == k].tolist())) == 1
+    assert np.array_equal(labels, balanced_kmeans(x.numpy(), 8, capacity=40, seed=1))  # numpy in, same answer
+
+
+def _deep_llama(folder, layers: int = 6):
+    config = LlamaConfig(**{**COMMON, "num_hidden_layers": layers}, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    _randomize(LlamaForCausalLM(config), 0).save_pretrained(folder, safe_serialization=True)
+    return add_char_tokenizer(folder)
+
+
+def _live_tensor_bytes() -> int:
+    gc.collect()
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.device.type != "meta":
+                storage = obj.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        except Exception:  # noqa: BLE001 - half-built or exotic objects
+            continue
+    return total
+
+
+@pytest.mark.parametrize("method", ["weights", "activations"])
+def test_split_releases_tensors_layer_by_layer(tmp_path, monkeypatch, method):
+    """Live tensor bytes at the start of every layer stay flat: nothing of a finished layer is kept."""
+    from moeify.split.methods import METHODS
+
+    dense = _deep_llama(tmp_path / "dense")
+    cls = METHODS[method]
+    real_build = cls.build
+    live: list[int] = []
+
+    def build(self, layer, ffn):
+        live.append(_live_tensor_bytes())
+        return real_build(self, layer, ffn)  # (keeping each result in a list here makes the test fail)
+
+    monkeypatch.setattr(cls, "build", build)
+    split_model(dense, tmp_path / "moe", SplitOptions(experts=4, top_k=2, shared=1, method=method,
+                                                      calibration_tokens=256))
+    assert len(live) == 6
+    # Layer 0 may still be setting up (lazy caches); from layer 1 on the count must not climb.
+    assert max(live[2:]) <= live[1] + 4096, live
+
+
+def test_gpu_precision_policy_runs_on_cpu_autocast(tiny_models, tmp_path, monkeypatch):
+    """The GPU's bf16-autocast policy, emulated on the CPU: every dtype meets, and the errors stay close."""
+    dense = add_char_tokenizer(tiny_models["llama"], copy_to=tmp_path / "dense")
+    opts = SplitOptions(experts=4, top_k=2, shared=1, calibration_tokens=256, device="cpu")
+    exact = split_model(dense, tmp_path / "fp32", opts)
+    monkeypatch.setattr(Compute, "for_device", classmethod(lambda cls, d, m="auto": cls(torch.device("cpu"),
+                                                                                         torch.bfloat16)))
+    mixed = split_model(dense, tmp_path / "bf16", opts)
+    e32, e16 = (r["method_info"]["mean_error_after_repair"] for r in (exact, mixed))
+    assert np.isfinite(e16) and abs(e16 - e32) < 0.05 * max(e32, 1e-3) + 0.01
