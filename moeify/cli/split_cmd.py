@@ -9,6 +9,7 @@ import typer
 
 from moeify.cli.common import JsonOpt, ModelArg, OverwriteOpt, QuietOpt, TokenOpt, cli_command
 from moeify.cli.console import Output
+from moeify.device import DEVICE_HELP
 from moeify.split.convert import SplitOptions, split_model
 from moeify.split.methods import DEFAULT_METHOD, METHODS
 from moeify.split.methods.activations import STREAMS
@@ -59,6 +60,8 @@ def split(
     = DEFAULTS.refine_batch,
     dtype: Annotated[str, typer.Option("--dtype", help="auto (source), bfloat16, float16 or float32.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Random seed for clustering.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="Where calibration, clustering, router fit and repair "
+                                        "run: " + DEVICE_HELP)] = DEFAULTS.device,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of MODEL.")] = None,
     token: TokenOpt = None,
     overwrite: OverwriteOpt = False,
@@ -70,7 +73,7 @@ def split(
                            pad_to=pad_to, dense_layers=parse_layers(dense_layers), calibration=calibration,
                            calibration_tokens=calibration_tokens, dtype=dtype, seed=seed, stream=stream,
                            down_ridge=down_ridge, router_ridge=router_ridge, refine_steps=refine_steps,
-                           refine_lr=refine_lr, refine_batch=refine_batch)
+                           refine_lr=refine_lr, refine_batch=refine_batch, device=device)
     result = split_model(model, output, options, overwrite=overwrite, reporter=out, revision=revision,
                          token=token)
     o = result["options"]

@@ -274,6 +274,8 @@ def split_model(model: str | Path, output: str | Path, options: SplitOptions | N
     """Convert `model` into an MoE checkpoint at `output`; returns the summary recorded in moeify.json."""
     options = options or SplitOptions()
     started = time.perf_counter()
+    check_device_name(options.device)
+    compute = Compute.for_device(resolve_device(options.device))  # an absent GPU fails first, before any output
     plan = plan_split(model, options, reporter, revision, token)
     options = plan.options
     output = Path(output)
@@ -283,7 +285,6 @@ def split_model(model: str | Path, output: str | Path, options: SplitOptions | N
     if options.shared == 0 and options.top_k < options.experts:
         reporter.note("no shared experts: splits without them measured 2-10x worse perplexity out of domain "
                       "(docs/quality.md); add --shared N, or leave --top-k out and let --active choose")
-    compute = Compute.for_device(resolve_device(options.device))  # an absent GPU fails here, before any output
     reader = CheckpointReader(plan.source.folder)
     family = source_family(plan.config)
     tplan = plan.target_plan
