@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moeify.device import resolve_device
 from moeify.errors import InputError, UsageError
 from moeify.progress import SILENT, Reporter
 
@@ -32,6 +33,7 @@ class EvalOptions:
     seq_len: int = 512
     max_chunks: int | None = None
     plot: str | None = None  # PNG of expert load per layer and a perplexity bar chart (needs moeify[plot])
+    device: str = "auto"  # where the forward passes run (moeify.device); float32 on every device
 
 
 def default_eval_text() -> str:
@@ -97,7 +99,7 @@ class _Loads:
             else:
                 logits = output[0] if isinstance(output, tuple) else output
                 chosen = torch.topk(logits, top_k, dim=-1).indices
-            self.counts[index] += torch.bincount(chosen.reshape(-1).long(), minlength=experts)
+            self.counts[index] += torch.bincount(chosen.reshape(-1).long(), minlength=experts).cpu()
 
         return record
 
@@ -108,6 +110,7 @@ class _Loads:
 
 def chunk_nll(model, chunk: torch.Tensor) -> tuple[float, int]:
     """Summed next-token negative log-likelihood of one chunk and the number of predicted tokens."""
+    chunk = chunk.to(next(model.parameters()).device)
     logits = model(chunk[None]).logits[0, :-1].float()
     return F.cross_entropy(logits, chunk[1:], reduction="sum").item(), chunk.numel() - 1
 
@@ -173,6 +176,8 @@ def evaluate_model(model: str | Path, options: EvalOptions | None = None, baseli
         _require_matplotlib()
     if options.max_chunks is not None and options.max_chunks < 1:
         raise UsageError("--max-chunks must be at least 1", "e.g. --max-chunks 8")
+    # Perplexities are compared across machines and cached, so the GPU runs the same float32 arithmetic.
+    device = resolve_device(options.device)  # an absent GPU fails here, before anything is read
     started = time.perf_counter()
     folder = resolve_source(model, reporter=reporter).folder
     base_folder = resolve_source(baseline, reporter=reporter).folder if baseline is not None else None
@@ -180,8 +185,8 @@ def evaluate_model(model: str | Path, options: EvalOptions | None = None, baseli
     chunks = tokenize_chunks(load_tokenizer(folder), load_text(text_spec), options.seq_len,
                              max_chunks=options.max_chunks)
     reporter.status(f"loading {folder}")
-    net = load_model(folder)
-    base = load_model(base_folder) if base_folder is not None else None
+    net = load_model(folder).to(device)
+    base = load_model(base_folder).to(device) if base_folder is not None else None
     loads = _Loads(net)
     errors = _LayerErrors(base, net, loads) if base is not None and loads.counts else None
     nll = base_nll = 0.0

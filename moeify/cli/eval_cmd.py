@@ -10,6 +10,7 @@ from rich.table import Table
 
 from moeify.cli.common import JsonOpt, ModelArg, QuietOpt, cli_command
 from moeify.cli.console import Output
+from moeify.device import DEVICE_HELP
 
 
 @cli_command
@@ -24,13 +25,14 @@ def eval_command(
     max_chunks: Annotated[int | None, typer.Option("--max-chunks", help="Score at most this many chunks.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of expert load per layer and a "
                                               "perplexity bar chart (needs matplotlib).")] = None,
+    device: Annotated[str, typer.Option("--device", help="Where the forward passes run: " + DEVICE_HELP)] = "auto",
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Perplexity, activation ratio, expert load and reconstruction error of a (split) model."""
     from moeify.evaluate import EvalOptions, evaluate_model
 
-    options = EvalOptions(text, seq_len, max_chunks, str(plot) if plot is not None else None)
+    options = EvalOptions(text, seq_len, max_chunks, str(plot) if plot is not None else None, device=device)
     result = evaluate_model(model, options, baseline=baseline, reporter=out)
     rows = [("model", result["model"]), ("tokens", f"{result['tokens']} ({result['chunks']} x {seq_len})"),
             ("perplexity", f"{result['perplexity']:.3f}")]
