@@ -89,11 +89,10 @@ def validate_options(o: FinetuneOptions) -> None:
 
 
 def pick_device(requested: str) -> str:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is visible", "use --device cpu or auto")
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
+    """"cpu" or "cuda", resolved as every command resolves --device (moeify.device)."""
+    from moeify.device import resolve_device
+
+    return resolve_device(requested).type
 
 
 def make_accelerator(device: str):
