@@ -54,6 +54,16 @@ def stale_temporaries(output: Path) -> list[Path]:
     return found
 
 
+def writer_pid(output: Path) -> int | None:
+    """The pid of a live moeify run that holds `output`'s lock; None when none does (or it was killed)."""
+    lock = output.parent / f".{output.name}{LOCK_SUFFIX}"
+    try:
+        pid = int(lock.read_text().strip() or "0")
+    except (OSError, ValueError):
+        return None
+    return pid if pid and _pid_alive(pid) else None
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False
@@ -74,11 +84,8 @@ def _lock(output: Path) -> Iterator[None]:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or "0")
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _pid_alive(pid):
+            pid = writer_pid(output)
+            if pid:
                 raise OutputError(f"another moeify run (pid {pid}) is writing {output}",
                                   "wait for it to finish or choose another output") from None
             lock.unlink(missing_ok=True)  # left by a killed run

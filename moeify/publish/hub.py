@@ -15,6 +15,7 @@ which later pushes then keep.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import re
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from moeify.errors import HubError, InputError, UsageError
-from moeify.io.output import LOCK_SUFFIX, TMP_PREFIX, _pid_alive
+from moeify.io.output import LOCK_SUFFIX, TMP_PREFIX, writer_pid
 from moeify.io.reader import INDEX_NAME, CheckpointReader, load_json
 from moeify.progress import SILENT, Reporter
 
@@ -107,14 +108,9 @@ def validate_folder(folder: str | Path, reporter: Reporter = SILENT) -> tuple[li
     if folder.resolve().name.startswith(TMP_PREFIX):
         raise InputError(f"{folder}: is a moeify temporary folder (an unfinished or killed run)",
                          "push the finished output folder instead")
-    lock = folder.resolve().parent / f".{folder.resolve().name}{LOCK_SUFFIX}"
-    if lock.is_file():
-        try:
-            pid = int(lock.read_text().strip() or "0")
-        except (OSError, ValueError):
-            pid = 0
-        if pid and _pid_alive(pid):
-            raise InputError(f"{folder}: moeify run (pid {pid}) is still writing it", "wait for it to finish")
+    pid = writer_pid(folder.resolve())
+    if pid:
+        raise InputError(f"{folder}: moeify run (pid {pid}) is still writing it", "wait for it to finish")
     config = load_json(folder / "config.json", "config.json")
     if not isinstance(config.get("model_type"), str):
         raise InputError(f"{folder / 'config.json'}: has no model_type", "is this a transformers checkpoint?")
@@ -309,23 +305,33 @@ def _causes(e: BaseException) -> list[BaseException]:
 
 
 def _status(e: BaseException) -> int | None:
+    """The HTTP status of the Hub's answer, from huggingface_hub's typed error anywhere in the chain."""
+    from huggingface_hub.errors import HfHubHTTPError
+
     for cause in _causes(e):
-        response = getattr(cause, "response", None)
-        code = getattr(response, "status_code", None)
+        code = getattr(cause.response, "status_code", None) if isinstance(cause, HfHubHTTPError) else None
         if isinstance(code, int):
             return code
     return None
 
 
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The transport failures of the HTTP client huggingface_hub raises through (`errors.HTTPError`'s home).
+
+    An httpx-family client (hub >= 1.0) has one `TransportError` base (connect, timeout, protocol);
+    requests (hub < 1.0) has `ConnectionError` and `Timeout`. Plain socket errors count everywhere.
+    """
+    from huggingface_hub.errors import HTTPError
+
+    client = importlib.import_module(HTTPError.__module__.split(".")[0])
+    kinds = [getattr(client, "TransportError", None)] if hasattr(client, "TransportError") else [
+        getattr(client, "ConnectionError", None), getattr(client, "Timeout", None)]
+    return (ConnectionError, TimeoutError, *(k for k in kinds if isinstance(k, type)))
+
+
 def _is_network(e: BaseException) -> bool:
-    names = {"TransportError", "ConnectError", "NetworkError", "TimeoutException", "RemoteProtocolError",
-             "ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout"}
-    for cause in _causes(e):
-        if isinstance(cause, ConnectionError | TimeoutError):
-            return True
-        if any(k.__name__ in names for k in type(cause).__mro__):
-            return True
-    return False
+    kinds = _network_errors()
+    return any(isinstance(cause, kinds) for cause in _causes(e))
 
 
 def _is_transient(e: BaseException) -> bool:
@@ -339,8 +345,10 @@ def _reason(e: BaseException) -> str:
 
 
 def _server_message(e: BaseException) -> str:
+    from huggingface_hub.errors import HfHubHTTPError
+
     for cause in _causes(e):
-        text = getattr(cause, "server_message", None)
+        text = cause.server_message if isinstance(cause, HfHubHTTPError) else None
         if text:
             return " ".join(str(text).split())[:200]
     return ""
