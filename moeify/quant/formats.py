@@ -5,6 +5,14 @@ vLLM's Fp8 loaders. `channel` and `tensor` are compressed-tensors `float-quantiz
 dynamic per-token FP8 activations (llm-compressor's FP8_DYNAMIC preset for `channel`), read by vLLM
 and by transformers (on a CPU with `CompressedTensorsConfig(dequantize=True)`). Unquantized modules are
 named in full, which every reader matches exactly.
+
+The compressed-tensors entry is checked against compressed-tensors' own config model
+(`QuantizationConfig`) whenever that package is installed (it is a dev extra, and every vLLM install
+has it): the model must accept the entry and read back every value moeify wrote. It stays a dict
+written here rather than the model's dump, on purpose: a hard dependency would pull compressed-tensors
+and its torch/transformers pins into every install for two of three schemes, and dumping through
+whatever version is installed would make config.json depend on the environment (0.20 adds a
+`moe_sparsity_config` key, for one). The test suite runs the check with the package present.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ def quantization_config(scheme: str, unquantized_modules: list[str]) -> dict[str
                 "weight_block_size": [BLOCK, BLOCK], "modules_to_not_convert": list(unquantized_modules)}
     if scheme not in ("channel", "tensor"):
         raise ValueError(f"unknown scheme {scheme!r}")
-    return {
+    config = {
         "quant_method": "compressed-tensors",
         "format": "float-quantized",
         "quantization_status": "compressed",
@@ -39,6 +47,20 @@ def quantization_config(scheme: str, unquantized_modules: list[str]) -> dict[str
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
     }
+    check_compressed_tensors(config)
+    return config
+
+
+def check_compressed_tensors(config: dict[str, Any]) -> None:
+    """compressed-tensors' `QuantizationConfig` must accept `config` and read every value back unchanged."""
+    try:
+        from compressed_tensors.quantization import QuantizationConfig
+    except ImportError:  # not installed: nothing to check against here (the tests run it with the package)
+        return
+    parsed = QuantizationConfig.model_validate(config).model_dump()
+    drift = sorted(k for k, v in config.items() if parsed.get(k) != v)
+    if drift:
+        raise RuntimeError(f"compressed-tensors reads quantization_config differently: {', '.join(drift)}")
 
 
 def scheme_from_config(config: dict[str, Any]) -> str | None:
