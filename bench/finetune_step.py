@@ -3,13 +3,18 @@
     python bench/finetune_step.py 48x16x16 masked     # ROUTEDxTOPKxSHARED, then masked | stock
     python bench/finetune_step.py 8x2x0 stock --steps 5 --batch-size 4
     python bench/finetune_step.py 48x16x16 masked --device cuda --batch-size 16   # as `moeify finetune` on a GPU
+    python bench/finetune_step.py 48x16x16 masked --gradient-checkpointing        # issue 17's memory goal
+    python bench/finetune_step.py 48x16x16 masked --loss plain                    # the whole-logits loss, before
+    python bench/finetune_step.py 48x16x16 masked --moe /tmp/split48              # a split made with `moeify split`
 
 One step = the dense teacher's forward, the student's forward and backward (KL + balance term, as
 `moeify finetune` computes them) and an AdamW step, on --batch-size x 512 tokens of Pride and Prejudice.
 The split (default `activations`, calibrated on Pride and Prejudice) is cached in --workdir, shared with
 bench/finetune_gpu.py. On CUDA the teacher is held in bf16 and both forwards run under bf16 autocast, as in
-`moeify finetune`. Prints each step's phases and tokens/s, then the peak RSS (and peak GPU memory); read
-the steps after the first two (allocator and thread-pool warm-up).
+`moeify finetune`. The loss is `moeify finetune`'s: the vocabulary projection in chunks of the sequence
+(`--loss chunked`, the default), or the whole batch's logits at once (`--loss plain`, what moeify did before
+issue 17). Prints each step's phases and tokens/s, then the peak RSS (and peak GPU memory) of the whole
+process (loading included); read the steps after the first two (allocator and thread-pool warm-up).
 """
 
 from __future__ import annotations
@@ -33,17 +38,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/moeify-finetune-bench"))
+    ap.add_argument("--moe", type=Path, default=None, help="an existing split to train (default: made in --workdir)")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--loss", default="chunked", choices=["chunked", "plain"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from moeify.data import load_tokenizer, tokenize_chunks
-    from moeify.finetune.distill import DistillConfig, balance_loss, build_optimizer, kl_to_teacher
+    from moeify.finetune.distill import (
+        DistillConfig,
+        balance_loss,
+        build_optimizer,
+        chunked_kl_to_teacher,
+        hidden_states_as_logits,
+        kl_to_teacher,
+    )
     from moeify.finetune.moe_model import load_student
     from moeify.finetune.run import load_teacher, pick_experts_forward, set_trainable
     from moeify.split.methods import DEFAULT_METHOD
 
     dense = smollm2_folder()
-    moe = cached_split(dense, args.workdir, args.config, DEFAULT_METHOD)
+    moe = args.moe or cached_split(dense, args.workdir, args.config, DEFAULT_METHOD)
     chunks = tokenize_chunks(load_tokenizer(dense), (DATA / "pride_and_prejudice.txt").read_text(), 512,
                              max_chunks=args.batch_size)
     device = torch.device(args.device)
@@ -51,6 +66,9 @@ def main() -> None:
     student = load_student(moe).to(device)
     set_trainable(student)
     used = pick_experts_forward(student, args.forward)
+    if args.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
     teacher = load_teacher(dense, args.device).to(device)
     optimizer = build_optimizer(student, DistillConfig(steps=args.steps))
     chunks = chunks.to(device)
@@ -62,26 +80,32 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    for step in range(args.steps):
-        t0 = now()
-        with torch.no_grad(), autocast:
-            teacher_logits = teacher(input_ids=chunks).logits
-        t1 = now()
-        with autocast:
-            student_logits = student(input_ids=chunks).logits
-        t2 = now()
-        loss = kl_to_teacher(student_logits, teacher_logits) + 0.01 * balance_loss(student)[0].to(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t3 = now()
-        optimizer.step()
-        t4 = now()
-        print(f"{args.config} {used} step {step + 1}: teacher {t1 - t0:.2f} s, student forward {t2 - t1:.2f} s, "
-              f"backward {t3 - t2:.2f} s, optimizer {t4 - t3:.2f} s -> {tokens / (t4 - t0):.1f} tokens/s "
-              f"(loss {loss.item():.4f})", flush=True)
+    label = f"{args.config} {used} loss={args.loss}{' checkpointing' if args.gradient_checkpointing else ''}"
+    heads_context = hidden_states_as_logits(student, teacher) if args.loss == "chunked" else contextlib.nullcontext()
+    with heads_context as heads:
+        for step in range(args.steps):
+            t0 = now()
+            with torch.no_grad(), autocast:
+                teacher_out = teacher(input_ids=chunks).logits
+            t1 = now()
+            with autocast:
+                student_out = student(input_ids=chunks).logits
+                kl = (chunked_kl_to_teacher(student_out, teacher_out, *heads) if heads is not None
+                      else kl_to_teacher(student_out, teacher_out))
+            t2 = now()
+            loss = kl + 0.01 * balance_loss(student)[0].to(device)
+            del teacher_out, student_out
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            t3 = now()
+            optimizer.step()
+            t4 = now()
+            print(f"{label} step {step + 1}: teacher {t1 - t0:.2f} s, student forward + loss {t2 - t1:.2f} s, "
+                  f"backward {t3 - t2:.2f} s, optimizer {t4 - t3:.2f} s -> {tokens / (t4 - t0):.1f} tokens/s "
+                  f"(loss {loss.item():.4f})", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     gpu = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""
-    print(f"{args.config} {used}: peak RSS {peak:.2f} GiB{gpu}", flush=True)
+    print(f"{label}: peak RSS {peak:.2f} GiB{gpu}", flush=True)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ class EvalOptions:
     max_chunks: int | None = None
     plot: str | None = None  # PNG of expert load per layer and a perplexity bar chart (needs moeify[plot])
     device: str = "auto"  # where the forward passes run (moeify.device); float32 on every device
+    baseline_cache: bool = True  # reuse the baseline's perplexity on the same tokens (user cache dir)
 
 
 def default_eval_text() -> str:
@@ -116,7 +117,12 @@ def chunk_nll(model, chunk: torch.Tensor) -> tuple[float, int]:
 
 
 class _LayerErrors:
-    """Per-layer |moe_ffn(x) - dense_ffn(x)|^2 / |dense_ffn(x)|^2 on the baseline's FFN inputs."""
+    """Per-layer |moe_ffn(x) - dense_ffn(x)|^2 / |dense_ffn(x)|^2, x being the FFN input of the evaluated model.
+
+    Both FFNs see the same input, so each number is that layer's own error, not drift accumulated before it.
+    The input is the MoE's own (its forward pass is running anyway): only the baseline's FFNs run here, never
+    its whole forward pass, so a baseline whose perplexity is cached costs no forward pass at all.
+    """
 
     def __init__(self, baseline, model, loads: _Loads):
         self.loads = loads
@@ -127,19 +133,16 @@ class _LayerErrors:
                              "give the dense model this one was split from as --baseline")
         self.err = [0.0] * len(self.dense_layers)
         self.ref = [0.0] * len(self.dense_layers)
-        self.hooks = [layer.mlp.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.dense_layers)]
-        self.dtype = next(model.parameters()).dtype
+        self.hooks = [layer.mlp.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.moe_layers)
+                      if _moe_gate(layer) is not None]
+        self.dtype = next(baseline.parameters()).dtype
 
     def _hook(self, index: int):
         def record(module, args, output):
-            x = args[0]
-            self.loads.paused = True
-            try:
-                got = self.moe_layers[index].mlp(x.to(self.dtype)).float()
-            finally:
-                self.loads.paused = False
-            self.err[index] += (got - output.float()).pow(2).sum().item()
-            self.ref[index] += output.float().pow(2).sum().item()
+            got = (output[0] if isinstance(output, tuple) else output).float()
+            want = self.dense_layers[index].mlp(args[0].to(self.dtype)).float()
+            self.err[index] += (got - want).pow(2).sum().item()
+            self.ref[index] += want.pow(2).sum().item()
 
         return record
 
@@ -149,6 +152,60 @@ class _LayerErrors:
 
     def result(self) -> list[float]:
         return [math.sqrt(e / r) if r > 0 else 0.0 for e, r in zip(self.err, self.ref, strict=True)]
+
+
+BASELINE_CACHE_VERSION = 1
+
+
+def baseline_cache_key(folder: Path, chunks: torch.Tensor) -> str:
+    """The baseline's perplexity is a function of its weights and the exact token ids: key on both.
+
+    Weights are identified by each weight file's name, size and modification time plus config.json's bytes
+    (hashing gigabytes on every call would cost what the cache saves); the token ids carry the text, the
+    tokenizer, --seq-len and --max-chunks.
+    """
+    import hashlib
+
+    h = hashlib.sha256(f"moeify-baseline-nll-v{BASELINE_CACHE_VERSION}".encode())
+    for path in sorted(folder.glob("*.safetensors")):
+        stat = path.stat()
+        h.update(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    h.update((folder / "config.json").read_bytes())
+    h.update(str(chunks.shape).encode())
+    h.update(chunks.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _baseline_cache_path(key: str) -> Path:
+    from moeify.source import cache_dir
+
+    return cache_dir() / "eval-baseline" / f"{key}.json"
+
+
+def _read_baseline_cache(key: str) -> dict[str, Any] | None:
+    import json
+
+    path = _baseline_cache_path(key)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(data, dict) and isinstance(data.get("nll"), float) and isinstance(data.get("count"), int)
+    return data if ok else None
+
+
+def _write_baseline_cache(key: str, record: dict[str, Any]) -> None:
+    import json
+    import os
+
+    path = _baseline_cache_path(key)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)  # a reader never sees half a file
+    except OSError:  # a read-only cache only costs the next call a recomputation
+        tmp.unlink(missing_ok=True)
 
 
 def activation_ratio(folder: Path, baseline: Path | None) -> float | None:
@@ -186,8 +243,17 @@ def evaluate_model(model: str | Path, options: EvalOptions | None = None, baseli
                              max_chunks=options.max_chunks)
     reporter.status(f"loading {folder}")
     net = load_model(folder).to(device)
-    base = load_model(base_folder).to(device) if base_folder is not None else None
     loads = _Loads(net)
+    cache_key = cached = None
+    if base_folder is not None:
+        cache_key = baseline_cache_key(base_folder, chunks)
+        cached = _read_baseline_cache(cache_key) if options.baseline_cache else None
+        if cached is not None:
+            reporter.note(f"baseline perplexity of {base_folder.name} from the cache (same weights and tokens, "
+                          f"computed {cached.get('created', 'earlier')}); --recompute-baseline scores it again")
+    # the baseline model is needed for its perplexity (unless cached) and for the layer errors (an MoE only)
+    need_base = base_folder is not None and (cached is None or bool(loads.counts))
+    base = load_model(base_folder).to(device) if need_base else None
     errors = _LayerErrors(base, net, loads) if base is not None and loads.counts else None
     nll = base_nll = 0.0
     count = 0
@@ -197,21 +263,28 @@ def evaluate_model(model: str | Path, options: EvalOptions | None = None, baseli
                 value, n = chunk_nll(net, chunk)
                 nll += value
                 count += n
-                if base is not None:
+                if base is not None and cached is None:
                     base_nll += chunk_nll(base, chunk)[0]
     finally:
         loads.remove()
         if errors is not None:
             errors.remove()
+    if cache_key is not None and cached is None:
+        _write_baseline_cache(cache_key, {"nll": base_nll, "count": count, "baseline": str(base_folder),
+                                          "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    base_count = count
+    if cached is not None:
+        base_nll, base_count = cached["nll"], cached["count"]
     result: dict[str, Any] = {
         "model": str(folder), "text": str(text_spec), "tokens": int(chunks.numel()), "chunks": int(chunks.shape[0]),
         "seq_len": options.seq_len, "perplexity": math.exp(nll / count),
         "activation_ratio": activation_ratio(folder, base_folder),
     }
-    if base is not None:
+    if base_folder is not None:
         result["baseline"] = str(base_folder)
-        result["baseline_perplexity"] = math.exp(base_nll / count)
+        result["baseline_perplexity"] = math.exp(base_nll / base_count)
         result["perplexity_ratio"] = result["perplexity"] / result["baseline_perplexity"]
+        result["baseline_cached"] = cached is not None
     if loads.counts:
         result["expert_load"] = {str(i): c.tolist() for i, c in loads.counts.items()}
         result["load_imbalance"] = {str(i): float(c.max() * len(c) / c.sum().clamp_min(1))

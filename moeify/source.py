@@ -66,6 +66,34 @@ def resolve_source(model: str | Path, revision: str | None = None, token: str | 
 
 
 def download_from_hub(repo_id: str, revision: str | None, token: str | None, reporter: Reporter) -> Source:
+    reporter.status(f"fetching {repo_id} from the Hub (safetensors, JSON and tokenizer files only)")
+    folder = _snapshot(repo_id, revision, token, HUB_PATTERNS)
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{repo_id}: the repository has no config.json", "is it a transformers model?")
+    return Source(folder, "hub", repo_id, revision or _snapshot_revision(folder))
+
+
+def fetch_config(repo_id: str, revision: str | None = None, token: str | None = None) -> dict:
+    """A Hub model's config.json alone (from the local Hub cache when it is there), for checks that read no weights.
+
+    Goes through `snapshot_download` like a real download, not `hf_hub_download`: offline, the latter retries
+    its request five times with backoff (about 30 s of "Retrying in 1s" warnings) before it gives up, while
+    this fails at once with the same one-line errors as `moeify split`.
+    """
+    import json
+
+    folder = _snapshot(repo_id, revision, token, ["config.json"])
+    path = folder / "config.json"
+    if not path.is_file():
+        raise InputError(f"{repo_id}: the repository has no config.json", "is it a transformers model?")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+OFFLINE_HINT = "give a local folder (in a recipe: model=PATH), or set HF_HUB_OFFLINE=1 once it is cached"
+
+
+def _snapshot(repo_id: str, revision: str | None, token: str | None, patterns: list[str]) -> Path:
+    """snapshot_download with its failures as one-line InputErrors (offline, gated, missing, bad revision)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -74,9 +102,8 @@ def download_from_hub(repo_id: str, revision: str | None, token: str | None, rep
         RevisionNotFoundError,
     )
 
-    reporter.status(f"fetching {repo_id} from the Hub (safetensors, JSON and tokenizer files only)")
     try:
-        folder = snapshot_download(repo_id, revision=revision, token=token, allow_patterns=HUB_PATTERNS)
+        return Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns))
     except GatedRepoError as e:
         raise InputError(f"{repo_id} is gated", "accept its licence on the Hub and log in with `hf auth login`") from e
     except RepositoryNotFoundError as e:
@@ -86,14 +113,9 @@ def download_from_hub(repo_id: str, revision: str | None, token: str | None, rep
         raise InputError(f"{repo_id}: revision {revision!r} not found", "check --revision") from e
     except LocalEntryNotFoundError as e:
         raise InputError(f"{repo_id}: the Hub cannot be reached and the model is not in the local cache",
-                         "give a local folder, or set HF_HUB_OFFLINE=1 once it is cached") from e
+                         OFFLINE_HINT) from e
     except OSError as e:
-        raise InputError(f"{repo_id}: download failed ({e})",
-                         "check the network, give a local folder, or set HF_HUB_OFFLINE=1") from e
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise InputError(f"{repo_id}: the repository has no config.json", "is it a transformers model?")
-    return Source(folder, "hub", repo_id, revision or _snapshot_revision(folder))
+        raise InputError(f"{repo_id}: download failed ({e})", "check the network, " + OFFLINE_HINT) from e
 
 
 def _snapshot_revision(folder: Path) -> str | None:

@@ -452,5 +452,6 @@ def test_card_takes_the_license_from_a_gguf_source(tmp_path):
     (folder / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
     write_metadata(folder, "split", {"source": {"kind": "gguf", "id": str(gguf), "gguf_file": gguf.name}})
     card = ModelCard(build_card(folder, "me/smol"))
-    assert card.data.license == "apache-2.0" and card.data.base_model is None
+    assert card.data.license == "apache-2.0"
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"  # its origin is known (issue 17)
     assert f"converted from the GGUF file `{gguf.name}`" in card.text

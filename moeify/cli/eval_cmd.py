@@ -25,6 +25,8 @@ def eval_command(
     max_chunks: Annotated[int | None, typer.Option("--max-chunks", help="Score at most this many chunks.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of expert load per layer and a "
                                               "perplexity bar chart (needs matplotlib).")] = None,
+    recompute_baseline: Annotated[bool, typer.Option("--recompute-baseline", help="Score --baseline again even "
+                                                     "if its perplexity on these tokens is cached.")] = False,
     device: Annotated[str, typer.Option("--device", help="Where the forward passes run: " + DEVICE_HELP)] = "auto",
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -32,12 +34,14 @@ def eval_command(
     """Perplexity, activation ratio, expert load and reconstruction error of a (split) model."""
     from moeify.evaluate import EvalOptions, evaluate_model
 
-    options = EvalOptions(text, seq_len, max_chunks, str(plot) if plot is not None else None, device=device)
+    options = EvalOptions(text, seq_len, max_chunks, str(plot) if plot is not None else None,
+                          baseline_cache=not recompute_baseline, device=device)
     result = evaluate_model(model, options, baseline=baseline, reporter=out)
     rows = [("model", result["model"]), ("tokens", f"{result['tokens']} ({result['chunks']} x {seq_len})"),
             ("perplexity", f"{result['perplexity']:.3f}")]
     if "baseline_perplexity" in result:
-        rows += [("baseline perplexity", f"{result['baseline_perplexity']:.3f}"),
+        cached = " (cached: same weights and tokens)" if result.get("baseline_cached") else ""
+        rows += [("baseline perplexity", f"{result['baseline_perplexity']:.3f}{cached}"),
                  ("ratio to baseline", f"{result['perplexity_ratio']:.3f}x")]
     if result.get("activation_ratio") is not None:
         rows.append(("activation ratio", f"{result['activation_ratio']:.1%} of the dense FFN per token"))

@@ -1,4 +1,4 @@
-"""`moeify quantize DIR --fp8 -o OUT` and `moeify dequantize DIR -o OUT`."""
+"""`moeify quantize DIR [--fp8] -o OUT` and `moeify dequantize DIR -o OUT`."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def quantize_command(
     out: Output,
     folder: DirArg,
     output: OutputOpt,
-    fp8: Annotated[bool, typer.Option("--fp8", help="Quantize to FP8 e4m3 (the only format).")] = False,
+    fp8: Annotated[bool, typer.Option("--fp8", help="Quantize to FP8 e4m3 (the only format, so the default; "
+                                      "the flag is kept for scripts).")] = True,
     scheme: Annotated[SchemeChoice, typer.Option(
         "--scheme", help="block: 128x128 scales (DeepSeek-V3 layout); channel: one scale per output row "
         "(compressed-tensors FP8_DYNAMIC); tensor: one scale per matrix; auto: block when every quantized "
@@ -42,9 +43,9 @@ def quantize_command(
     Embeddings, lm_head, norms, routers and shared-expert gates stay in their source dtype. Works
     tensor by tensor from disk to disk, so memory stays small whatever the model size.
     """
-    from moeify.quant.quantize import quantize_fp8, require_fp8_flag
+    from moeify.quant.quantize import quantize_fp8
 
-    require_fp8_flag(fp8)
+    del fp8  # FP8 is the only format: the flag stays for scripts that pass it
     result = quantize_fp8(folder, output, scheme=scheme.value, experts_only=experts_only,
                           verify=not no_verify, overwrite=overwrite, reporter=out)
     data = result.summary()
@@ -53,7 +54,7 @@ def quantize_command(
             ("quantized", ", ".join(f"{n} {k}" for k, n in sorted(p.kinds().items()))),
             ("kept", f"{len(p.kept)} tensors ({len(p.unquantized_modules)} Linear-like modules)"),
             ("size", f"{_mb(p.source_bytes)} -> {_mb(p.output_bytes)}"),
-            ("quantized vs bf16", f"{data['quantized_bytes_vs_bf16']:.1%}"),
+            ("quantized tensors", _quantized_share(p, data["quantized_bytes_vs_bf16"])),
             ("time", f"{result.seconds:.1f} s")]
     tables = []
     if result.verify is not None:
@@ -80,6 +81,17 @@ def dequantize_command(
 
     result = dequantize_checkpoint(folder, output, overwrite=overwrite, reporter=out)
     out.result(result.summary(), title="dequantized")
+
+
+def _quantized_share(plan, vs_bf16: float) -> str:
+    """The quantized tensors' size against their source dtype, and against bf16 only when that is not the same.
+
+    "vs bf16" alone read as if the source were bf16; for a float32 source FP8 is about a quarter of it.
+    """
+    dtypes = sorted({str(t.source_dtype).removeprefix("torch.") for t in plan.targets.values()})
+    vs_source = plan.quantized_output_bytes / max(1, plan.quantized_source_bytes)
+    text = f"{vs_source:.1%} of their {'/'.join(dtypes) or 'source'} size"
+    return text if dtypes == ["bfloat16"] else f"{text} ({vs_bf16:.1%} of bf16)"
 
 
 def _mb(n: int) -> str:

@@ -9,11 +9,12 @@ Everything goes through `accelerate`, so one process on a CPU, one GPU, or `acce
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from moeify.finetune.state import TrainingInterrupted, check_resumable, load_che
 from moeify.progress import SILENT, Reporter
 
 MIN_LR_FRACTION = 0.1
+KL_CHUNK_TOKENS = 256  # tokens per slice of the vocabulary projection in the loss (50 MB of float32 logits each)
 
 
 @dataclass
@@ -70,6 +72,79 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) ->
     s = F.log_softmax(student_logits.float(), dim=-1)
     t = F.log_softmax(teacher_logits.float(), dim=-1)
     return (t.exp() * (t - s)).sum(-1).mean()
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """KL(teacher || student) from both models' final hidden states, projected to the vocabulary in chunks.
+
+    Why: full logits for a batch of 4 x 512 tokens over SmolLM2's 49k vocabulary are 400 MB per float32 copy,
+    and the plain loss keeps about six such copies alive at once (both models' logits, their float32
+    log-softmaxes, the product, and the student's logit gradient in the backward pass): over 2 GB at batch
+    4, twice that at the default batch 8. Here only one chunk of `chunk` tokens is ever projected, and the
+    gradient with respect to the student's hidden states is computed in the same pass (the output head is
+    frozen, so it needs no gradient), so nothing is recomputed: the arithmetic is that of the plain loss.
+    """
+
+    @staticmethod
+    def forward(ctx, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: torch.Tensor,
+                teacher_head: torch.Tensor, chunk: int) -> torch.Tensor:
+        hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+        ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+        n = hs.shape[0]
+        grad = torch.empty_like(hs) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=hs.device)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            t = F.log_softmax(F.linear(ht[rows], teacher_head).float(), dim=-1)
+            s = F.log_softmax(F.linear(hs[rows], student_head).float(), dim=-1)
+            p = t.exp()
+            total += t.sub_(s).mul_(p).sum()  # sum of p_t * (log p_t - log p_s), in place: t is not needed again
+            del t
+            if grad is not None:  # d/d(student logits) of the token's KL: softmax(student) - p_teacher
+                g = s.exp_().sub_(p)
+                grad[rows] = (g.to(student_head.dtype) @ student_head).to(grad.dtype)
+        ctx.save_for_backward(grad if grad is not None else hs.new_zeros(0))
+        ctx.n, ctx.shape = n, student_hidden.shape
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        return (grad * (grad_output / ctx.n)).view(ctx.shape), None, None, None, None
+
+
+def chunked_kl_to_teacher(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: torch.Tensor,
+                          teacher_head: torch.Tensor, chunk: int = KL_CHUNK_TOKENS) -> torch.Tensor:
+    """`kl_to_teacher(student_hidden @ student_head.T, teacher_hidden @ teacher_head.T)` without ever holding
+    the whole logits: the same value and gradient for the student's hidden states, in a fraction of the memory."""
+    return _ChunkedKL.apply(student_hidden, teacher_hidden, student_head, teacher_head, chunk)
+
+
+@contextlib.contextmanager
+def hidden_states_as_logits(student: torch.nn.Module, teacher: torch.nn.Module
+                            ) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
+    """While inside, both models' `.logits` are their final hidden states; yields the two output heads' weights.
+
+    The vocabulary projection then happens in `chunked_kl_to_teacher`. Swapping the head for an identity
+    (rather than calling the inner model) keeps the call going through the student's wrapper (DDP, peft), so
+    gradient synchronisation and adapters work as before. Yields None, and changes nothing, when a head is
+    not a bias-free linear layer or is trained: the loss then takes the plain path.
+    """
+    models = (student, teacher)
+    heads = [m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None for m in models]
+    usable = all(isinstance(h, torch.nn.Linear) and h.bias is None and not h.weight.requires_grad for h in heads)
+    if not usable:
+        yield None
+        return
+    for m in models:
+        m.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield heads[0].weight, heads[1].weight  # type: ignore[union-attr]
+    finally:
+        for m, head in zip(models, heads, strict=True):
+            m.set_output_embeddings(head)
 
 
 def balance_loss(model: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -166,7 +241,7 @@ def distill(model: torch.nn.Module, teacher: torch.nn.Module, chunks: torch.Tens
         reporter.note(f"resuming from step {start} of {cfg.steps} ({checkpoint})")
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher.to(device).eval().requires_grad_(False)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     counts_total: list[torch.Tensor] = []
@@ -187,7 +262,7 @@ def distill(model: torch.nn.Module, teacher: torch.nn.Module, chunks: torch.Tens
         accelerator.wait_for_everyone()
 
     step = start
-    with _StopFlag() as stop:
+    with _StopFlag() as stop, hidden_states_as_logits(accelerator.unwrap_model(model), teacher) as heads:
         for step in _track(reporter, range(start, cfg.steps), "Distilling", cfg.steps - start,
                            lambda: live["text"]):
             if _stop_everywhere(stop.requested, accelerator):
@@ -201,10 +276,12 @@ def distill(model: torch.nn.Module, teacher: torch.nn.Module, chunks: torch.Tens
                 group["lr"] = group["base_lr"] * factor
             batch = chunks[plan.indices(step, accelerator.process_index)].to(device)
             with torch.no_grad(), autocast:
-                teacher_logits = teacher(input_ids=batch).logits
+                teacher_out = teacher(input_ids=batch).logits  # final hidden states while `heads` is set
             with autocast:
-                student_logits = model(input_ids=batch).logits
-            kl = kl_to_teacher(student_logits, teacher_logits)
+                student_out = model(input_ids=batch).logits
+                kl = (chunked_kl_to_teacher(student_out, teacher_out, *heads) if heads is not None
+                      else kl_to_teacher(student_out, teacher_out))
+            del teacher_out, student_out
             balance, counts = balance_loss(accelerator.unwrap_model(model))
             loss = kl + cfg.balance_coef * balance.to(kl.device)
             optimizer.zero_grad(set_to_none=True)
@@ -223,7 +300,7 @@ def distill(model: torch.nn.Module, teacher: torch.nn.Module, chunks: torch.Tens
                      * bal_mean, 6), "kl": round(kl_mean, 6), "balance": round(bal_mean, 6),
                      "lr": group_lr(optimizer), "tokens_per_s": round(step_tokens / max(seconds, 1e-9), 1)}
             log.append(entry)
-            live["text"] = f"kl {kl_mean:.4f} | {entry['tokens_per_s']:.0f} tok/s"
+            live["text"] = f"kl {kl_mean:.4f} | {entry['tokens']:,} tokens | {entry['tokens_per_s']:.0f} tok/s"
             if log_file is not None and accelerator.is_main_process:
                 with open(log_file, "a", encoding="utf-8") as f:
                     f.write(json.dumps(entry) + "\n")
@@ -284,11 +361,3 @@ def _track(reporter: Reporter, items, description: str, total: int, postfix: Cal
         return reporter.track(items, description, total=total, postfix=postfix)
     except TypeError:  # a Reporter written before `postfix` existed
         return reporter.track(items, description, total=total)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

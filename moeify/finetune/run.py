@@ -13,7 +13,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ DEVICES = ("auto", "cpu", "cuda")
 EXPERTS_FORWARDS = ("auto", "masked", "stock")
 MASKED_MIN_TOP_K = 8  # auto uses the masked forward from top-8 up (docs/finetune.md: wins at 16, loses at 2 and 4)
 CONFIG_FILES = ("config.json", "generation_config.json")
+MIN_USEFUL_STEPS = 20  # fewer stage-2 steps than this get a warning that the budget is too small
+SUGGESTED_STEPS = 100
 
 
 @dataclass
@@ -156,7 +158,7 @@ def pick_experts_forward(model: torch.nn.Module, requested: str) -> str:
     from moeify.finetune.masked_experts import use_masked_experts
 
     top_k = getattr(model.config, "num_experts_per_tok", 1) or 1
-    if requested == "masked" or (requested == "auto" and top_k >= MASKED_MIN_TOP_K):
+    if pick_masked(top_k, requested):
         if use_masked_experts(model):
             return "masked"
     return "stock"
@@ -178,6 +180,26 @@ def data_fingerprint(chunks: torch.Tensor) -> str:
     return hashlib.sha256(chunks.numpy().tobytes()).hexdigest()[:16]
 
 
+@dataclass
+class RunPlan:
+    """What a run will do, settled before the first weight moves: the data, the steps, what a resume must match."""
+
+    stage: str
+    device: str
+    world: int
+    chunks: torch.Tensor
+    data_label: str
+    steps: int
+    warmup: int
+    resume_options: dict[str, Any]
+    checkpoint: Path
+    resume_state: dict[str, Any] | None
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.chunks.shape[1])
+
+
 def finetune(moe_dir: str | Path, output: str | Path, options: FinetuneOptions | None = None, *,
              overwrite: bool = False, reporter: Reporter = SILENT, chunks: torch.Tensor | None = None,
              accelerator=None) -> dict[str, Any]:
@@ -189,137 +211,271 @@ def finetune(moe_dir: str | Path, output: str | Path, options: FinetuneOptions |
     validate_options(options)
     started = time.perf_counter()
     moe_dir, output = Path(moe_dir), Path(output)
+    config = _check_input(moe_dir)
+    check_output_path(output, [moe_dir], overwrite)
+    stage, stage_note = resolve_stage(options.stage, moe_dir)
+    if stage_note:
+        reporter.note(stage_note)
+    teacher_source = _resolve_teacher(moe_dir, options, config, reporter)
+    device = pick_device(options.device)
+    accelerator = accelerator or make_accelerator(device)
+    # The output is claimed before the first weight is trained: a second run to the same -o fails here, in
+    # seconds, instead of after the whole training; the lock also guards OUT.ckpt (see _claim_output).
+    with _claim_output(output, overwrite, accelerator, reporter) as tmp:
+        plan = _plan(moe_dir, output, options, chunks, stage, device, accelerator)
+        _announce_plan(plan, options, reporter)
+        reporter.status(f"loading {moe_dir.name} and the teacher {teacher_source.id}")
+        torch.manual_seed(options.seed)
+        student = load_student(moe_dir)
+        record: dict[str, Any] = {
+            "input": str(moe_dir), "teacher": teacher_source.describe(), "options": asdict(options),
+            "data": plan.data_label, "seq_len": plan.seq_len, "stage": stage, "device": device,
+            "processes": plan.world,
+        }
+        timings: dict[str, float] = {}
+        if stage in ("1", "both") and plan.resume_state is None:
+            tick = time.perf_counter()
+            record["stage1"] = _run_stage1(student, moe_dir, teacher_source.folder, plan, options, reporter)
+            timings["stage1"] = round(time.perf_counter() - tick, 2)
+        elif plan.resume_state is not None:
+            record["stage1"] = (plan.resume_state.get("options") or {}).get("stage1")
+        if stage in ("2", "both"):
+            tick = time.perf_counter()
+            student = _run_stage2(student, teacher_source.folder, plan, options, accelerator, record, reporter)
+            timings["stage2"] = round(time.perf_counter() - tick, 2)
+        student = student.to("cpu")
+        _refuse_diverged(student)
+        _record_final_weights(student, plan.world, record, reporter)
+        timings["total"] = round(time.perf_counter() - started, 2)
+        record["timings_s"] = timings
+        if tmp is not None:
+            reporter.status(f"writing {output}")
+            _write_output(student, moe_dir, tmp, record)
+    if accelerator.is_main_process:
+        shutil.rmtree(plan.checkpoint, ignore_errors=True)  # only once the output is in place
+    accelerator.wait_for_everyone()
+    return {"output": str(output), **record}
+
+
+def _check_input(moe_dir: Path) -> dict[str, Any]:
     if not (moe_dir / "config.json").is_file():
         raise InputError(f"{moe_dir}: no config.json here", "give the output folder of `moeify split`")
     config = load_json(moe_dir / "config.json", "config.json")
     if config.get("model_type") not in MOE_TYPES:
         raise InputError(f"{moe_dir}: model_type {config.get('model_type')!r} is not an MoE moeify fine-tunes",
                          f"give the output of `moeify split` ({', '.join(MOE_TYPES)})")
-    check_output_path(output, [moe_dir], overwrite)
-    stage, stage_note = resolve_stage(options.stage, moe_dir)
-    if stage_note:
-        reporter.note(stage_note)
+    return config
+
+
+def _resolve_teacher(moe_dir: Path, options: FinetuneOptions, config: dict[str, Any], reporter: Reporter):
     teacher_source = resolve_source(teacher_spec(moe_dir, options.teacher), reporter=reporter)
     teacher_config = load_json(teacher_source.folder / "config.json", "config.json")
     if teacher_config.get("vocab_size") != config.get("vocab_size"):
         raise InputError(f"the teacher's vocabulary ({teacher_config.get('vocab_size')}) differs from the MoE's "
                          f"({config.get('vocab_size')})", "use the dense model the MoE was split from")
-    device = pick_device(options.device)
-    accelerator = accelerator or make_accelerator(device)
-    # The output is claimed before the first weight is trained: a second run to the same -o fails here, in
-    # seconds, instead of after the whole training; the lock also guards OUT.ckpt (see _claim_output).
-    with _claim_output(output, overwrite, accelerator, reporter) as tmp:
-        data_label = ("<token ids from the caller>" if chunks is not None
-                      else (options.data or "<shipped calibration text>"))
-        if chunks is None:
-            from moeify.data import load_tokenizer
+    return teacher_source
 
-            chunks = load_chunks(options.data, load_tokenizer(moe_dir), options.seq_len)
-        chunks = chunks.long()
-        seq_len = chunks.shape[1]
-        world = accelerator.num_processes
-        steps = 0 if stage == "1" else steps_for(options.tokens, options.max_steps, seq_len,
-                                                         options.batch_size * world)
-        warmup = options.warmup if options.warmup is not None else max(0, round(0.05 * steps))
-        fingerprint = data_fingerprint(chunks)
-        resume_options = {"seed": options.seed, "lr": options.lr, "warmup": warmup, "seq_len": seq_len,
-                          "batch_size": options.batch_size, "steps": steps, "lora": options.lora,
-                          "attention_lora": options.attention_lora, "balance_coef": options.balance_coef,
-                          "data_fingerprint": fingerprint, "world": world}
-        ckpt = checkpoint_dir(output)
-        resume_state = read_state(ckpt) if options.resume else None
 
-        reporter.status(f"loading {moe_dir.name} and the teacher {teacher_source.id}")
-        torch.manual_seed(options.seed)
-        student = load_student(moe_dir)
-        split_scale = _split_router_scale(moe_dir)
-        record: dict[str, Any] = {
-            "input": str(moe_dir), "teacher": teacher_source.describe(), "options": asdict(options),
-            "data": data_label,
-            "seq_len": seq_len, "stage": stage, "device": device, "processes": world,
-        }
-        timings: dict[str, float] = {}
+def _plan(moe_dir: Path, output: Path, options: FinetuneOptions, chunks: torch.Tensor | None, stage: str,
+          device: str, accelerator) -> RunPlan:
+    """Tokens, steps, warmup and the options a resume must match (and the saved state when resuming)."""
+    data_label = "<token ids from the caller>" if chunks is not None else (options.data or "<shipped calibration text>")
+    if chunks is None:
+        from moeify.data import load_tokenizer
 
-        if stage in ("1", "both") and resume_state is None:
-            from moeify.finetune.routers import fit_routers
+        chunks = load_chunks(options.data, load_tokenizer(moe_dir), options.seq_len)
+    chunks = chunks.long()
+    seq_len = chunks.shape[1]
+    world = accelerator.num_processes
+    steps = 0 if stage == "1" else steps_for(options.tokens, options.max_steps, seq_len, options.batch_size * world)
+    warmup = options.warmup if options.warmup is not None else max(0, round(0.05 * steps))
+    resume_options = {"seed": options.seed, "lr": options.lr, "warmup": warmup, "seq_len": seq_len,
+                      "batch_size": options.batch_size, "steps": steps, "lora": options.lora,
+                      "attention_lora": options.attention_lora, "balance_coef": options.balance_coef,
+                      "data_fingerprint": data_fingerprint(chunks), "world": world}
+    ckpt = checkpoint_dir(output)
+    return RunPlan(stage=stage, device=device, world=world, chunks=chunks, data_label=data_label, steps=steps,
+                   warmup=warmup, resume_options=resume_options, checkpoint=ckpt,
+                   resume_state=read_state(ckpt) if options.resume else None)
 
-            tick = time.perf_counter()
-            calib = chunks[: max(1, options.calibration_tokens // seq_len)]
-            fits = fit_routers(student, teacher_source.folder, calib, split_scale, steps=options.router_steps,
-                               seed=options.seed, reporter=reporter)
-            timings["stage1"] = round(time.perf_counter() - tick, 2)
-            record["stage1"] = {"calibration_tokens": int(calib.numel()), "layers": fits,
-                                "mean_error_before": _mean(f["error_before"] for f in fits),
-                                "mean_error_after": _mean(f["error_after"] for f in fits)}
-        elif resume_state is not None:
-            record["stage1"] = (resume_state.get("options") or {}).get("stage1")
 
-        if stage in ("2", "both"):
-            tick = time.perf_counter()
-            teacher = load_teacher(teacher_source.folder, device)
-            set_trainable(student)
-            record["experts_forward"] = pick_experts_forward(student, options.experts_forward)
-            if options.lora or options.attention_lora:
-                from moeify.finetune.lora import add_lora
+def _announce_plan(plan: RunPlan, options: FinetuneOptions, reporter: Reporter) -> None:
+    """Say what the budget buys before the long wait, and warn when it is too small to change anything.
 
-                student = add_lora(student, options.lora, options.attention_lora)
-            if options.gradient_checkpointing:
-                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            cfg = DistillConfig(steps=steps, lr=options.lr, warmup=warmup, batch_size=options.batch_size,
-                                balance_coef=options.balance_coef, router_scale_lr=options.router_scale_lr,
-                                checkpoint_every=options.checkpoint_every, seed=options.seed)
-            log_file = Path(options.log_file) if options.log_file else None
-            resume_options["stage1"] = record.get("stage1")
-            student, result = distill(student, teacher, chunks, cfg, accelerator, checkpoint=ckpt,
-                                      resume=resume_state is not None, resume_options=resume_options,
-                                      log_file=log_file, reporter=reporter)
-            if options.lora or options.attention_lora:
-                from moeify.finetune.lora import merge_lora
+    With 4096 tokens at the default 8 x 512 per step, a run is a single step: its KL is measured before the
+    update, so "first -> last" cannot move and the run only costs the loading time.
+    """
+    if plan.stage == "1":
+        return
+    batch = options.batch_size * plan.world
+    tokens = plan.steps * batch * plan.seq_len
+    reporter.note(f"plan: {plan.steps} step{'s' if plan.steps != 1 else ''} of {batch} x {plan.seq_len} tokens "
+                  f"({tokens:,} tokens), warmup {plan.warmup}")
+    if plan.steps < MIN_USEFUL_STEPS:
+        suggest = _token_count(SUGGESTED_STEPS * batch * plan.seq_len)
+        reporter.note(f"warning: {plan.steps} step{'s' if plan.steps != 1 else ''} will barely move the model "
+                      f"(the KL is measured before each update); for ~{SUGGESTED_STEPS} steps pass --tokens "
+                      f"{suggest} or --max-steps {SUGGESTED_STEPS}")
 
-                student = merge_lora(student)
-            if options.gradient_checkpointing:
-                student.gradient_checkpointing_disable()
-            del teacher
-            timings["stage2"] = round(time.perf_counter() - tick, 2)
-            record.update(tokens=result.tokens, steps=result.steps, first_loss=result.first_loss,
-                          final_loss=result.final_loss, tokens_per_s=result.tokens_per_s,
-                          resumed_from=result.resumed_from, peak_gpu_memory_bytes=result.peak_memory_bytes,
-                          expert_load=result.expert_load, load_summary=_load_summary(result.expert_load),
-                          losses=result.losses, warmup=warmup, batch_tokens=BatchPlan(
-                              chunks.shape[0], options.batch_size, options.seed, world).global_batch * seq_len)
 
-        student = student.to("cpu")
-        diverged = next((n for n, p in student.named_parameters() if not torch.isfinite(p).all()), None)
-        if diverged is not None:  # never publish NaN weights as a finished model
-            raise UsageError(f"training diverged: {diverged} holds NaN or inf values; nothing was written",
-                             "lower --lr (e.g. --lr 1e-4) or --balance-coef and run again")
-        digests = [weights_digest(student)]
-        if world > 1:
-            from accelerate.utils import gather_object
+def estimate_memory(student: torch.nn.Module, options: FinetuneOptions, device: str, seq_len: int) -> dict[str, int]:
+    """A rough peak of stage 2 in bytes, by part (host RAM on CPU, GPU memory on CUDA).
 
-            digests = gather_object(digests)
-        record["process_weight_digests"] = digests  # every process must end with the same weights
-        if len(set(digests)) > 1:
-            reporter.note(f"the {world} processes ended with different weights; only process 0's are written")
-        scales = _router_scales(student)
-        record["router_scales"] = scales
-        record["hardware"] = hardware()
-        timings["total"] = round(time.perf_counter() - started, 2)
-        record["timings_s"] = timings
-        if tmp is not None:
-            from moeify.finetune.export import write_like_input
+    Float32 master weights for the student; the teacher at its training dtype; float32 gradients and two
+    AdamW moments for the trainable parameters; activations kept for the backward pass (only each layer's
+    input with --gradient-checkpointing, plus one layer being recomputed); one chunk of the loss's logits;
+    and about half a GB of runtime (torch, the tokenizer, Python) on CPU. Printed before training so a run
+    that cannot fit says so in seconds; docs/finetune.md compares it with measured peaks.
+    """
+    cfg = student.config
+    params = sum(p.numel() for p in student.parameters())
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    hidden, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    experts, top_k = getattr(cfg, "num_local_experts", None) or cfg.num_experts, cfg.num_experts_per_tok
+    width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    shared = getattr(cfg, "shared_expert_intermediate_size", 0) or 0
+    masked = pick_masked(top_k, options.experts_forward)
+    per_token_layer = 12 * hidden + 5 * (experts if masked else top_k) * width + 4 * shared  # float32 values
+    tokens = options.batch_size * seq_len
+    if options.gradient_checkpointing:
+        activations = 4 * tokens * (layers * hidden + per_token_layer)
+    else:
+        activations = 4 * tokens * layers * per_token_layer
+    from moeify.finetune.distill import KL_CHUNK_TOKENS
 
-            reporter.status(f"writing {output}")
-            write_like_input(student, moe_dir, tmp)
-            for name in CONFIG_FILES:
-                if (moe_dir / name).is_file():
-                    shutil.copyfile(moe_dir / name, tmp / name)
-            record["copied_files"] = copy_side_files(moe_dir, tmp)
-            write_metadata(tmp, "finetune", record, read_metadata(moe_dir))
-    if accelerator.is_main_process:
-        shutil.rmtree(ckpt, ignore_errors=True)  # only once the output is in place
-    accelerator.wait_for_everyone()
-    return {"output": str(output), **record}
+    parts = {"student": 4 * params, "teacher": (2 if device == "cuda" else 4) * params,
+             "gradients_and_adam": 12 * trainable, "activations": activations,
+             "loss": 4 * (4 * KL_CHUNK_TOKENS * vocab + 3 * tokens * hidden),
+             "runtime": 0 if device == "cuda" else 512 * 2**20}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def pick_masked(top_k: int, requested: str) -> bool:
+    return requested == "masked" or (requested == "auto" and top_k >= MASKED_MIN_TOP_K)
+
+
+def _run_stage1(student: torch.nn.Module, moe_dir: Path, teacher_folder: Path, plan: RunPlan,
+                options: FinetuneOptions, reporter: Reporter) -> dict[str, Any]:
+    from moeify.finetune.routers import fit_routers
+
+    calib = plan.chunks[: max(1, options.calibration_tokens // plan.seq_len)]
+    fits = fit_routers(student, teacher_folder, calib, _split_router_scale(moe_dir), steps=options.router_steps,
+                       seed=options.seed, reporter=reporter)
+    return {"calibration_tokens": int(calib.numel()), "layers": fits,
+            "mean_error_before": _mean(f["error_before"] for f in fits),
+            "mean_error_after": _mean(f["error_after"] for f in fits)}
+
+
+def _run_stage2(student: torch.nn.Module, teacher_folder: Path, plan: RunPlan, options: FinetuneOptions,
+                accelerator, record: dict[str, Any], reporter: Reporter) -> torch.nn.Module:
+    """Distil the student from the teacher; fills `record` with the curve and the figures of the run."""
+    set_trainable(student)
+    record["experts_forward"] = pick_experts_forward(student, options.experts_forward)
+    record["memory_estimate_bytes"] = _announce_memory(student, options, plan, reporter)
+    teacher = load_teacher(teacher_folder, plan.device)
+    if options.lora or options.attention_lora:
+        from moeify.finetune.lora import add_lora
+
+        student = add_lora(student, options.lora, options.attention_lora)
+    if options.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = DistillConfig(steps=plan.steps, lr=options.lr, warmup=plan.warmup, batch_size=options.batch_size,
+                        balance_coef=options.balance_coef, router_scale_lr=options.router_scale_lr,
+                        checkpoint_every=options.checkpoint_every, seed=options.seed)
+    plan.resume_options["stage1"] = record.get("stage1")
+    student, result = distill(student, teacher, plan.chunks, cfg, accelerator, checkpoint=plan.checkpoint,
+                              resume=plan.resume_state is not None, resume_options=plan.resume_options,
+                              log_file=Path(options.log_file) if options.log_file else None, reporter=reporter,
+                              on_step=_time_estimate(plan.steps, reporter))
+    if options.lora or options.attention_lora:
+        from moeify.finetune.lora import merge_lora
+
+        student = merge_lora(student)
+    if options.gradient_checkpointing:
+        student.gradient_checkpointing_disable()
+    del teacher
+    batch_tokens = BatchPlan(plan.chunks.shape[0], options.batch_size, options.seed, plan.world).global_batch
+    record.update(tokens=result.tokens, steps=result.steps, first_loss=result.first_loss,
+                  final_loss=result.final_loss, tokens_per_s=result.tokens_per_s,
+                  resumed_from=result.resumed_from, peak_gpu_memory_bytes=result.peak_memory_bytes,
+                  expert_load=result.expert_load, load_summary=_load_summary(result.expert_load),
+                  losses=result.losses, warmup=plan.warmup, batch_tokens=batch_tokens * plan.seq_len)
+    return student
+
+
+def _announce_memory(student: torch.nn.Module, options: FinetuneOptions, plan: RunPlan,
+                     reporter: Reporter) -> dict[str, int]:
+    memory = estimate_memory(student, options, plan.device, plan.seq_len)
+    where = "GPU memory" if plan.device == "cuda" else "RAM"
+    hint = ""
+    if not options.gradient_checkpointing:
+        saving = estimate_memory(student, replace(options, gradient_checkpointing=True), plan.device, plan.seq_len)
+        hint = f" ({_gb(saving['total'])} with --gradient-checkpointing)"
+    reporter.note(f"estimated peak {where}: {_gb(memory['total'])}{hint}; the time is estimated after two steps")
+    return memory
+
+
+def _time_estimate(steps: int, reporter: Reporter):
+    """An on_step callback: after the second step (the first warms up allocators and threads), one note with
+    the time the remaining steps will take at the measured rate."""
+    seen = {"n": 0}
+
+    def on_step(step: int, entry: dict[str, Any]) -> None:
+        seen["n"] += 1
+        if seen["n"] == min(2, steps) and step < steps:
+            rate = entry["tokens_per_s"]
+            left = (steps - step) * entry["tokens"] / step / max(rate, 1e-9)
+            reporter.note(f"at {rate:.0f} tokens/s the remaining {steps - step} steps take about {_duration(left)}")
+
+    return on_step
+
+
+def _refuse_diverged(student: torch.nn.Module) -> None:
+    diverged = next((n for n, p in student.named_parameters() if not torch.isfinite(p).all()), None)
+    if diverged is not None:  # never publish NaN weights as a finished model
+        raise UsageError(f"training diverged: {diverged} holds NaN or inf values; nothing was written",
+                         "lower --lr (e.g. --lr 1e-4) or --balance-coef and run again")
+
+
+def _record_final_weights(student: torch.nn.Module, world: int, record: dict[str, Any], reporter: Reporter) -> None:
+    digests = [weights_digest(student)]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        digests = gather_object(digests)
+    record["process_weight_digests"] = digests  # every process must end with the same weights
+    if len(set(digests)) > 1:
+        reporter.note(f"the {world} processes ended with different weights; only process 0's are written")
+    record["router_scales"] = _router_scales(student)
+    record["hardware"] = hardware()
+
+
+def _write_output(student: torch.nn.Module, moe_dir: Path, tmp: Path, record: dict[str, Any]) -> None:
+    from moeify.finetune.export import write_like_input
+
+    write_like_input(student, moe_dir, tmp)
+    for name in CONFIG_FILES:
+        if (moe_dir / name).is_file():
+            shutil.copyfile(moe_dir / name, tmp / name)
+    record["copied_files"] = copy_side_files(moe_dir, tmp)
+    write_metadata(tmp, "finetune", record, read_metadata(moe_dir))
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _token_count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 10**6 else f"{n / 1e3:.0f}k"
 
 
 @contextlib.contextmanager

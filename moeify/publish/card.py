@@ -26,6 +26,11 @@ KNOWN_LICENSES = (
     (re.compile(r"^meta-llama/Llama-3\.3-"), "llama3.3"),
 )
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# GGUF files whose Hub origin is known though their metadata does not name it (the demo's model).
+KNOWN_GGUF_ORIGINS = {"SmolLM2-135M-Instruct.Q4_1.gguf": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# An absolute or home-relative local path inside a text (not a URL's `//host/...`, not `org/name`).
+_LOCAL_PATH = re.compile(r"(?<![\w.:/~-])(?:~/|/|[A-Za-z]:\\)[^\s|`'\"()<>\[\],]+")
+_HF_URL = re.compile(r"^https?://(?:www\.)?huggingface\.co/([A-Za-z0-9][\w.-]*/[\w.-]+?)(?:/|\.git)?$")
 # Bookkeeping keys of a stage record that say nothing about the model itself.
 _BOOKKEEPING = {"moeify_version", "complete", "hardware", "timings", "seconds", "started", "finished",
                 "notes", "layers", "per_layer", "losses", "source", "options", "command", "recipe"}
@@ -59,15 +64,58 @@ def build_card(folder: str | Path, repo_id: str) -> str:
         license=_license(meta, split, source, base_model),
         tags=tags,
     )
-    body = _body(repo_id, config, meta, stages, source, base_model, fp8, data.license)
+    body = public_text(_body(repo_id, config, meta, stages, source, base_model, fp8, data.license))
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     return str(card).rstrip("\n") + "\n"
 
 
 def _base_model(source: dict[str, Any]) -> str | None:
+    """The Hub id the model derives from: a Hub source's id, or a GGUF's recorded or known origin."""
     ident = source.get("id")
     if source.get("kind") == "hub" and isinstance(ident, str) and _HUB_ID.match(ident):
         return ident
+    if source.get("kind") == "gguf":
+        origin = source.get("origin")
+        if isinstance(origin, str) and _HUB_ID.match(origin):
+            return origin
+        name = source.get("gguf_file") or (Path(ident).name if isinstance(ident, str) else None)
+        found = _gguf_origin(Path(ident)) if isinstance(ident, str) else None
+        return found or KNOWN_GGUF_ORIGINS.get(str(name))
+    return None
+
+
+def _gguf_origin(path: Path) -> str | None:
+    """A Hub id from a GGUF's own metadata (`general.base_model.0.repo_url`, `general.source.url`, ...)."""
+    if not path.is_file():
+        return None
+    try:
+        import gguf
+
+        fields = gguf.GGUFReader(path).fields
+        for key in ("general.source.huggingface.repository", "general.base_model.0.repo_url", "general.source.url",
+                    "general.repo_url"):
+            field = fields.get(key)
+            if field is None:
+                continue
+            value = str(field.contents()).strip()
+            match = _HF_URL.match(value)
+            if match:
+                return match.group(1)
+            if _HUB_ID.match(value):
+                return value
+    except Exception:  # noqa: BLE001 - an unreadable GGUF only means "origin unknown"
+        return None
+    return None
+
+
+def public_text(text: str) -> str:
+    """`text` with every local path replaced by its last component: a card is public, the machine is not.
+
+    Paths reach a card from many records (the resolved recipe's model and output, calibration and training
+    data, an eval's model and baseline folders, a GGUF inside a virtual environment); one pass over the whole
+    text guards them all, including keys a later moeify adds. Hub ids (`org/name`) and URLs are kept.
+    """
+    return _LOCAL_PATH.sub(lambda m: re.split(r"[\\/]", m.group(0).rstrip("/\\"))[-1] or "(local path)", text)
     return None
 
 
@@ -131,7 +179,10 @@ def _body(repo_id: str, config: dict, meta: dict, stages: dict, source: dict, ba
     split = stages.get("split", {})
     options = split.get("options") if isinstance(split.get("options"), dict) else {}
     lines = [f"# {name}", ""]
-    origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else _source_text(source)
+    origin = _source_text(source)
+    if base_model:
+        link = f"[{base_model}](https://huggingface.co/{base_model})"
+        origin = f"{origin} of {link}" if source.get("kind") == "gguf" else link
     experts = _first(options.get("experts"), config.get("num_local_experts"), config.get("num_experts"))
     top_k = _first(options.get("top_k"), config.get("num_experts_per_tok"))
     what = f"a Mixture-of-Experts `{arch}`"
