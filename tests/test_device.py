@@ -206,3 +206,18 @@ def test_gpu_precision_policy_runs_on_cpu_autocast(tiny_models, tmp_path, monkey
     mixed = split_model(dense, tmp_path / "bf16", opts)
     e32, e16 = (r["method_info"]["mean_error_after_repair"] for r in (exact, mixed))
     assert np.isfinite(e16) and abs(e16 - e32) < 0.05 * max(e32, 1e-3) + 0.01
+
+
+@pytest.mark.skipif(NO_GPU, reason="needs a CUDA GPU (bench/gpu_check.sh runs this on a lent one)")
+@pytest.mark.parametrize("method", ["weights", "activations"])
+def test_cuda_split_is_close_to_cpu(tiny_models, tmp_path, method):
+    dense = add_char_tokenizer(tiny_models["llama"], copy_to=tmp_path / "dense")
+    opts = dict(experts=4, top_k=2, shared=1, method=method, calibration_tokens=256)
+    cpu = split_model(dense, tmp_path / "cpu", SplitOptions(**opts, device="cpu"))
+    torch.cuda.reset_peak_memory_stats()
+    gpu = split_model(dense, tmp_path / "cuda", SplitOptions(**opts, device="cuda"))
+    assert torch.cuda.memory_allocated() < 1 << 20  # nothing of the model stays on the device
+    if method == "activations":
+        e_cpu, e_gpu = (r["method_info"]["mean_error_after_repair"] for r in (cpu, gpu))
+        assert abs(e_gpu - e_cpu) < 0.05 * e_cpu + 0.01
+    assert _tensors(tmp_path / "cpu").keys() == _tensors(tmp_path / "cuda").keys()
