@@ -41,8 +41,13 @@ def write_metadata(folder: str | Path, stage: str, record: dict[str, Any], previ
     stages[stage] = {"moeify_version": __version__, "complete": True, **record}
     data = {**{k: v for k, v in (previous or {}).items() if k != "stages"}, **top_level,
             "moeify_version": __version__, "last_stage": stage, "stages": stages}
-    _write_atomically(Path(folder) / METADATA_NAME, json.dumps(data, indent=2, default=str) + "\n")
+    replace_metadata(folder, data)
     return data
+
+
+def replace_metadata(folder: str | Path, data: dict[str, Any]) -> None:
+    """Write `data` as the folder's moeify.json, atomically (the pipeline stamps finished stages with it)."""
+    _write_atomically(Path(folder) / METADATA_NAME, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -53,10 +58,6 @@ def _write_atomically(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def stage_record(folder: str | Path, stage: str) -> dict[str, Any] | None:
-    return read_metadata(folder)["stages"].get(stage)
 
 
 def config_hash(config: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 from moeify.errors import InputError, MoeifyError, UsageError
 from moeify.pipeline.recipe import Recipe
 from moeify.pipeline.runner import Step, plan_run
+from moeify.pipeline.stages import STAGES
 from moeify.progress import SILENT, Reporter
 
 
@@ -47,7 +48,7 @@ def check_recipe(recipe: Recipe, reporter: Reporter = SILENT, fetch_config: bool
     folder = _local_model_folder(recipe.model)
     result = CheckResult("nothing (model not available)", steps)
     try:
-        _check_finetune_options(recipe)
+        _check_stage_options(recipe)
         if folder is not None:
             _check_with_headers(recipe, folder, options, result)
         else:
@@ -65,7 +66,7 @@ def check_recipe(recipe: Recipe, reporter: Reporter = SILENT, fetch_config: bool
 
 
 def _stage_of(e: MoeifyError) -> str:
-    return "" if str(e.message).startswith(("quantize", "split", "finetune")) else "split: "
+    return "" if str(e.message).startswith(tuple(STAGES)) else "split: "
 
 
 _FLAG = re.compile(r"--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
@@ -90,17 +91,17 @@ def _recipe_hint(message: str, hint: str | None) -> str | None:
     return f"{_as_recipe_fields(hint, message.split(':', 1)[0], values=True)} (on the command line: {flags})"
 
 
-def _check_finetune_options(recipe: Recipe) -> None:
-    """The finetune section's values (stage, budget, device, experts forward...), checked now rather than
-    after the split has run: the same checks `moeify finetune` makes before it starts."""
-    if "finetune" not in recipe.stages():
-        return
-    from moeify.finetune.run import FinetuneOptions, validate_options
-
-    try:
-        validate_options(FinetuneOptions(**recipe.options("finetune")))
-    except UsageError as e:
-        raise UsageError(f"finetune: {e.message}", e.hint) from None
+def _check_stage_options(recipe: Recipe) -> None:
+    """Each section's values (finetune's stage, budget, device...), checked now rather than after the
+    stages before it have run: the checks the stage table says its command makes before it starts."""
+    for name in recipe.stages():
+        validate = STAGES[name].validate
+        if validate is None:
+            continue
+        try:
+            validate(recipe.options(name))
+        except UsageError as e:
+            raise UsageError(f"{name}: {e.message}", e.hint) from None
 
 
 def _local_model_folder(model: str) -> Path | None:

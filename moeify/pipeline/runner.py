@@ -8,23 +8,23 @@ changing `quantize.scheme` keeps split. Outputs are written atomically by the st
 interrupted stage leaves no folder behind and simply runs again. An existing folder with a different
 key is out of date and is only replaced with `overwrite=True`.
 
-Stage modules are imported inside their runners: a missing stage fails the run that needs it with one
-clear line and leaves every other command working.
+What each stage runs, and the typed result it reports, is in the stage table (pipeline/stages.py);
+this module only orders, skips and stamps. Stage modules are imported inside the stages' run
+functions: a missing stage fails the run that needs it with one clear line and leaves every other
+command working.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moeify.errors import InputError, MoeifyError, UsageError
-from moeify.metadata import METADATA_NAME, read_metadata, write_metadata
+from moeify.metadata import METADATA_NAME, read_metadata, replace_metadata
 from moeify.pipeline.recipe import Recipe
 from moeify.pipeline.stages import STAGES
 from moeify.progress import SILENT, Reporter
@@ -109,10 +109,10 @@ def run_recipe(recipe: Recipe, overwrite: bool = False, reporter: Reporter = SIL
             continue
         reporter.status(f"{step.stage}: {step.input} -> {step.output}")
         started = time.perf_counter()
-        summary = RUNNERS[step.stage](step, ctx)
+        result = STAGES[step.stage].run(step, ctx)
         stamp(step, recipe)
         results.append({"stage": step.stage, "status": "ran", "output": str(step.output),
-                        "seconds": round(time.perf_counter() - started, 2), **(summary or {})})
+                        "seconds": round(time.perf_counter() - started, 2), **result.summary()})
     return {"recipe": recipe.origin, "output": str(recipe.output),
             "final_model": str(final_model(steps) or ""), "stages": results}
 
@@ -127,9 +127,7 @@ def stamp(step: Step, recipe: Recipe) -> None:
                          "this is a bug in the stage; please report it")
     record["pipeline_key"] = step.key
     data["recipe"] = recipe.resolved()
-    tmp = path.with_name(f".{METADATA_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    replace_metadata(step.output, data)
     (step.output / RECIPE_FILE).write_text(recipe.resolved_yaml(), encoding="utf-8")
 
 
@@ -158,83 +156,6 @@ class RunContext:
             if STAGES[s.stage].produces_model:
                 found = s.output
         return found
-
-
-def _import_stage(stage: str, module: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise UsageError(f"the {stage} stage is not available in this moeify ({e})",
-                         f"remove `{stage}:` from the recipe") from e
-
-
-def _run_split(step: Step, ctx: RunContext) -> dict[str, Any]:
-    split = _import_stage("split", "moeify.split.convert")
-    result = split.split_model(ctx.recipe.model, step.output, split.SplitOptions(**step.options),
-                               overwrite=step.state == "stale", reporter=ctx.reporter,
-                               revision=ctx.recipe.revision, token=ctx.token)
-    return {"activation_ratio": result.get("activation_ratio"), "expert_size": result.get("expert_size"),
-            "architecture": result.get("architecture")}
-
-
-def _run_finetune(step: Step, ctx: RunContext) -> dict[str, Any]:
-    finetune = _import_stage("finetune", "moeify.finetune")
-    options = finetune.FinetuneOptions(**step.options)
-    result = finetune.finetune(step.input, step.output, options, overwrite=step.state == "stale",
-                               reporter=ctx.reporter)
-    record = result if isinstance(result, dict) else {}
-    return {k: v for k, v in record.items() if not isinstance(v, dict | list)}
-
-
-def _run_quantize(step: Step, ctx: RunContext) -> dict[str, Any]:
-    quantize = _import_stage("quantize", "moeify.quant.quantize")
-    result = quantize.quantize_fp8(step.input, step.output, **step.options, overwrite=step.state == "stale",
-                                   reporter=ctx.reporter)
-    summary = result.summary()
-    return {"scheme": summary["scheme"], "output_bytes": summary["output_bytes"]}
-
-
-def _run_eval(step: Step, ctx: RunContext) -> dict[str, Any]:
-    from moeify.io.output import atomic_output
-
-    evaluate = _import_stage("eval", "moeify.evaluate")
-    model = Path(step.input)
-    baseline = ctx.source_folder()
-    options = evaluate.EvalOptions(**step.options)
-    result = evaluate.evaluate_model(model, options, baseline=baseline, reporter=ctx.reporter)
-    record = result if isinstance(result, dict) else result.as_dict()
-    with atomic_output(step.output, overwrite=step.state == "stale") as tmp:
-        (tmp / "eval.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-        write_metadata(tmp, "eval", {"model": str(model), "baseline": str(baseline), **record})
-    # The evaluated model carries its numbers too, so the model card (built from its moeify.json) shows them.
-    write_metadata(model, "eval", record, read_metadata(model))
-    return {k: v for k, v in record.items() if isinstance(v, int | float | str)}
-
-
-def _run_push(step: Step, ctx: RunContext) -> dict[str, Any]:
-    from moeify.io.output import atomic_output
-
-    hub = _import_stage("push", "moeify.publish.hub")
-    opts = dict(step.options)
-    folder = ctx.last_model(step)
-    if folder is None:
-        raise UsageError("push needs a model stage before it", "add a split stage")
-    plan_args = {k: opts.pop(k) for k in list(opts) if k in ("repo_id", "overwrite_card")}
-    plan = hub.plan_push(folder, reporter=ctx.reporter, **plan_args)
-    result = hub.push(plan, ctx.token, reporter=ctx.reporter, **opts)
-    record = {"folder": str(folder), "repo_id": plan.repo_id, "url": result.url,
-              "commit_url": result.commit_url, "pr_url": result.pr_url,
-              "uploaded_files": result.uploaded_files, "total_bytes": result.total_bytes}
-    with atomic_output(step.output, overwrite=step.state == "stale") as tmp:
-        write_metadata(tmp, "push", record)
-    return {"url": result.url}
-
-
-RUNNERS: dict[str, Callable[[Step, RunContext], dict[str, Any] | None]] = {
-    "split": _run_split, "finetune": _run_finetune, "quantize": _run_quantize, "eval": _run_eval,
-    "push": _run_push}
 
 
 __all__ = ["Step", "plan_run", "run_recipe", "stamp", "stage_key", "final_model", "MoeifyError"]
