@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,10 @@ def describe(folder: str | Path) -> dict[str, Any]:
             info["why_not"] = e.message
             info["supported_families"] = [t for f in SOURCES for t in f.model_types]
     meta = read_metadata(folder)
+    split_meta = meta["stages"].get("split", {})
+    padding = split_meta.get("padding_neurons_per_layer", 0) if isinstance(split_meta, dict) else 0
+    info.update(decode_traffic(config, reader, info.get("top_k"), info.get("experts"),
+                               padding if isinstance(padding, int) else 0))
     if meta["stages"]:
         info["moeify_stages"] = list(meta["stages"])
         split = meta["stages"].get("split", {})
@@ -71,3 +76,70 @@ def _describe_moe(config: dict[str, Any], reader: CheckpointReader, ffn_params: 
         "active_ffn_parameters": active, "total_ffn_parameters": total,
         "activation_ratio": active / total if total else None,
     }
+
+
+_EXPERT = re.compile(r"\.experts\.(\d+\.)?")  # per-expert (experts.3.w1) and fused (experts.gate_up_proj)
+_ROUTER = re.compile(r"\.(mlp|block_sparse_moe)\.(gate|shared_expert_gate)\.weight$")
+_SCALES = ("weight_scale_inv", "weight_scale", "input_scale")
+
+
+def decode_traffic(config: dict[str, Any], reader: CheckpointReader, top_k: int | None = None,
+                   experts: int | None = None, padding_neurons: int = 0) -> dict[str, Any]:
+    """Parameters and weight bytes one decoded token reads at batch 1: the analytic bound on decode speed.
+
+    At batch 1 a decode step is bound by reading weights: every tensor is read in full except the routed
+    experts (top_k of `experts` per layer) and the input embedding (one row, unless it is tied and so
+    also serves as the output head, read in full). Bytes count each tensor's stored dtype, scales
+    included, so FP8 halves them; the KV cache and activations are not weights and are left out. For an
+    MoE the same figures are given for its dense equivalent (every expert read, routers, shared-expert
+    gates and `padding_neurons` zero neurons per layer left out): dense bytes / MoE bytes is the most a
+    split can speed decoding up.
+    """
+    tied = bool(config.get("tie_word_embeddings", False)) and "lm_head.weight" not in reader.tensors
+    share = top_k / experts if top_k and experts else 1.0
+    params = nbytes = dense_params = dense_bytes = 0.0
+    ffn_itemsize = 0
+    for name, t in reader.tensors.items():
+        read, dense = 1.0, 1.0
+        if name.startswith("model.embed_tokens.") and not tied and t.shape:
+            read = dense = 1.0 / t.shape[0]
+        elif _EXPERT.search(name):
+            read = share
+            ffn_itemsize = max(ffn_itemsize, t.nbytes // max(1, t.numel))
+        elif _ROUTER.search(name):
+            dense = 0.0
+        counted = 0 if name.endswith(_SCALES) else t.numel
+        params += counted * read
+        nbytes += t.nbytes * read
+        dense_params += counted * dense
+        dense_bytes += t.nbytes * dense
+    out: dict[str, Any] = {"active_parameters_per_token": round(params), "weight_bytes_per_token": round(nbytes)}
+    if share != 1.0:
+        layers = config.get("num_hidden_layers") or 0
+        moe_layers = layers - len(config.get("mlp_only_layers") or [])
+        pad = 3 * (config.get("hidden_size") or 0) * padding_neurons * moe_layers
+        out["dense_parameters_per_token"] = round(dense_params - pad)
+        out["dense_weight_bytes_per_token"] = round(dense_bytes - pad * ffn_itemsize)
+        out["decode_bound_vs_dense"] = out["dense_weight_bytes_per_token"] / nbytes if nbytes else None
+    return out
+
+
+def decode_traffic_vs(folder: str | Path, baseline: str | Path | None = None) -> dict[str, Any]:
+    """`decode_traffic` of a checkpoint against a dense one: what `moeify eval` reports.
+
+    With a baseline folder the dense figures are that model's own (its dtype included: a float32 dense
+    model against a bf16 MoE counts both the sparsity and the smaller weights). Without one, an MoE is
+    compared with its dense equivalent (every expert read, in the MoE's own dtypes).
+    """
+    info = describe(folder)
+    out = {k: info[k] for k in ("active_parameters_per_token", "weight_bytes_per_token")}
+    if baseline is not None:
+        dense = describe(baseline)
+        out["dense_parameters_per_token"] = dense["active_parameters_per_token"]
+        out["dense_weight_bytes_per_token"] = dense["weight_bytes_per_token"]
+    elif "dense_weight_bytes_per_token" in info:
+        out["dense_parameters_per_token"] = info["dense_parameters_per_token"]
+        out["dense_weight_bytes_per_token"] = info["dense_weight_bytes_per_token"]
+    if "dense_weight_bytes_per_token" in out and out["weight_bytes_per_token"]:
+        out["decode_bound_vs_dense"] = out["dense_weight_bytes_per_token"] / out["weight_bytes_per_token"]
+    return out

@@ -45,10 +45,26 @@ def eval_command(
                  ("ratio to baseline", f"{result['perplexity_ratio']:.3f}x")]
     if result.get("activation_ratio") is not None:
         rows.append(("activation ratio", f"{result['activation_ratio']:.1%} of the dense FFN per token"))
+    rows += _traffic_rows(result)
     rows.append(("time", f"{result['seconds']:.1f} s"))
     if "plot" in result:
         rows.append(("plot", result["plot"]))
     out.result(result, title="eval", rows=rows, tables=[_layer_table(result)] if "expert_load" in result else [])
+
+
+def _traffic_rows(result: dict) -> list[tuple[str, str]]:
+    """Active parameters and weight bytes per decoded token against the dense model (added to `result`)."""
+    from moeify.describe import decode_traffic_vs
+
+    traffic = decode_traffic_vs(result["model"], result.get("baseline"))
+    result.update(traffic)
+    params, nbytes = traffic["active_parameters_per_token"], traffic["weight_bytes_per_token"]
+    if "dense_weight_bytes_per_token" not in traffic:
+        return [("active params/token", f"{params:,}"), ("weight bytes/token", f"{nbytes / 1e6:.1f} MB")]
+    dense_p, dense_b = traffic["dense_parameters_per_token"], traffic["dense_weight_bytes_per_token"]
+    return [("active params/token", f"{params:,} ({params / dense_p:.1%} of dense {dense_p:,})"),
+            ("weight bytes/token", f"{nbytes / 1e6:.1f} MB (dense {dense_b / 1e6:.1f} MB: decode speed-up "
+                                   f"bound {traffic['decode_bound_vs_dense']:.2f}x at batch 1)")]
 
 
 def _layer_table(result: dict) -> Table:

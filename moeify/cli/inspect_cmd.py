@@ -14,7 +14,7 @@ def inspect_(out: Output, path: DirArg, json_mode: JsonOpt = False, quiet: Quiet
     rows = [(k, v) for k, v in info.items() if v is not None and k != "path"]
     for i, (k, v) in enumerate(rows):
         if isinstance(v, float):
-            rows[i] = (k, f"{v:.1%}" if "ratio" in k else f"{v:.4g}")
+            rows[i] = (k, f"{v:.1%}" if "ratio" in k else f"{v:.2f}x" if k.endswith("_vs_dense") else f"{v:.4g}")
         elif isinstance(v, int) and v > 10_000:
             rows[i] = (k, f"{v:,}")
         elif isinstance(v, list | dict):
