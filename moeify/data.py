@@ -14,6 +14,9 @@ import torch
 from moeify.errors import InputError
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".jsonl"}
+# The files a checkpoint's tokenizer is read from (copied beside every output; calibration needs one).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json")
 
 
 def packaged_text(name: str) -> Path:

@@ -16,13 +16,13 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moeify.data import TOKENIZER_FILES
 from moeify.errors import InputError
 from moeify.progress import SILENT, Reporter
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
+# Copied from the source into every output: the tokenizer, its chat template and the generation defaults.
+SIDE_FILES = (*TOKENIZER_FILES, "chat_template.jinja", "chat_template.json", "generation_config.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -168,7 +168,7 @@ def _apply_umask(path: Path) -> None:
 def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Copy tokenizer, chat template and generation config files unchanged; return their names."""
     copied = []
-    for name in TOKENIZER_FILES:
+    for name in SIDE_FILES:
         f = src / name
         if f.is_file():
             shutil.copyfile(f, dst / name)

@@ -144,10 +144,3 @@ class CheckpointReader:
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self.tensors.values())
 
-    def dtype(self) -> torch.dtype:
-        """The dominant floating dtype of the checkpoint (what its matrices are stored in)."""
-        counts: dict[torch.dtype, int] = {}
-        for info in self.tensors.values():
-            if info.dtype.is_floating_point:
-                counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes
-        return max(counts, key=counts.get) if counts else torch.float32

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moeify.data import TOKENIZER_FILES
 from moeify.split.calibrate import LayerRunner, NeuronStats, calibration_tokens, ffn_activations
 from moeify.split.methods.base import SplitContext, SplitMethod
 from moeify.split.methods.cluster import balanced_kmeans, reduce_features
@@ -30,7 +31,6 @@ from moeify.split.methods.repair import joined_activations, moe_output, refit_do
 from moeify.split.methods.router import fit_linear_router
 from moeify.split.moe_layer import FFNWeights, MoELayer, split_by_groups
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 PATTERN_TOKENS = 2048  # tokens whose activation pattern describes a neuron for clustering
 ERROR_TOKENS = 2048  # calibration tokens on which the per-layer errors reported in moeify.json are measured
 

@@ -158,7 +158,3 @@ def balanced_kmeans(features: np.ndarray | torch.Tensor, k: int, capacity: int |
             labels = new
             centroids = _means(x, labels, centroids)
     return labels.cpu().numpy()
-
-
-def groups_from_labels(labels: np.ndarray, k: int) -> list[np.ndarray]:
-    return [np.flatnonzero(labels == c) for c in range(k)]
