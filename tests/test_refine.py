@@ -82,3 +82,29 @@ def test_split_records_refinement_per_layer(tiny_models, tmp_path):
         if layer["refined"]:
             assert layer["error_heldout_after_refine"] < layer["error_heldout_before_refine"]
     assert result["options"]["refine_steps"] == 20
+
+
+def test_ctrl_c_during_refinement_leaves_no_output(tiny_models, tmp_path, monkeypatch):
+    """Refinement runs inside the split's atomic output: interrupted there, nothing is left that looks done."""
+    import pytest
+
+    from moeify.split.methods import activations
+    from tests.hostile import leftovers
+
+    src = add_char_tokenizer(tiny_models["llama"], copy_to=tmp_path / "src")
+    calls = {"n": 0}
+    real = activations.refine_layer
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second layer: the first one's tensors are already written
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(activations, "refine_layer", interrupted)
+    out = tmp_path / "moe"
+    with pytest.raises(KeyboardInterrupt):
+        split_model(src, out, SplitOptions(experts=4, top_k=1, shared=1, refine_steps=5, calibration_tokens=512))
+    assert calls["n"] == 2
+    assert not out.exists()
+    assert leftovers(out) == []
