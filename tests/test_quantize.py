@@ -543,3 +543,36 @@ def test_real_model_fp8_perplexity_close_to_bf16(smollm2_dir, shared_text, tmp_p
     got = perplexity(loaded, chunks)
     print(f"SmolLM2 perplexity bf16 {ref:.4f} fp8 {got:.4f} ({got / ref - 1:+.2%})")
     assert abs(got / ref - 1) < 0.025, (ref, got)
+
+
+# --- block FP8 needs whole 128-wide expert slices per tensor-parallel rank (vLLM's block MoE kernels) --------
+
+
+def test_block_refuses_experts_that_are_not_multiples_of_128_and_names_the_pad_to(models, tmp_path):
+    from moeify.split.convert import SplitOptions, split_model
+
+    split = tmp_path / "split"  # hidden 256, FFN 384 in 4 experts of 96 neurons
+    split_model(models["llama128"], split, SplitOptions(experts=4, top_k=2, method="weights"))
+    with pytest.raises(UsageError) as e:
+        quantize_fp8(split, tmp_path / "fp8", scheme="block")
+    assert "96" in e.value.message and "--pad-to 128" in e.value.hint
+    assert not (tmp_path / "fp8").exists()  # refused before any output
+    padded = tmp_path / "padded"
+    split_model(models["llama128"], padded, SplitOptions(experts=4, top_k=2, method="weights", pad_to=128))
+    assert quantize_fp8(padded, tmp_path / "fp8", scheme="block", verify=False).plan.scheme == "block"
+
+
+def test_block_checks_the_slice_per_tensor_parallel_rank(models, tmp_path):
+    # experts of 128 neurons are whole blocks on one GPU, half blocks on each of two
+    assert quantize_fp8(models["qwen2moe128"], tmp_path / "tp1", scheme="block", verify=False).plan.scheme == "block"
+    with pytest.raises(UsageError) as e:
+        quantize_fp8(models["qwen2moe128"], tmp_path / "tp2", scheme="block", tensor_parallel=2)
+    assert "128 / 2 = 64" in e.value.message and "--pad-to 256" in e.value.hint
+    auto = quantize_fp8(models["qwen2moe128"], tmp_path / "auto", tensor_parallel=2, verify=False)
+    assert auto.plan.scheme == "channel" and auto.plan.scheme_reason.startswith("not block")
+
+
+def test_block_on_an_odd_hidden_size_says_no_pad_to_can_fix_it(models, tmp_path):
+    with pytest.raises(UsageError) as e:
+        quantize_fp8(models["qwen2moe_odd"], tmp_path / "fp8", scheme="block")
+    assert "--scheme channel" in e.value.hint

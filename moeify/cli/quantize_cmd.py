@@ -34,6 +34,9 @@ def quantize_command(
                                                "quantize only MLP/expert projections.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip re-reading the output to measure the "
                                             "dequantization error.")] = False,
+    tensor_parallel: Annotated[int, typer.Option("--tensor-parallel", help="GPUs vLLM will shard it over: block "
+                                                 "scales need each rank's expert slice in whole 128-wide blocks "
+                                                 "(checked before any work).")] = 1,
     overwrite: OverwriteOpt = False,
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -47,7 +50,7 @@ def quantize_command(
 
     del fp8  # FP8 is the only format: the flag stays for scripts that pass it
     result = quantize_fp8(folder, output, scheme=scheme.value, experts_only=experts_only,
-                          verify=not no_verify, overwrite=overwrite, reporter=out)
+                          verify=not no_verify, overwrite=overwrite, reporter=out, tensor_parallel=tensor_parallel)
     data = result.summary()
     p = result.plan
     rows = [("output", str(output)), ("scheme", p.scheme), ("why", p.scheme_reason),

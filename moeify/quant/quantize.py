@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moeify.errors import InputError
+from moeify.errors import InputError, UsageError
 from moeify.io.output import atomic_output, check_output_path
 from moeify.io.reader import CheckpointReader, load_json
 from moeify.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
@@ -59,23 +59,73 @@ def _bf16_bytes(plan: QuantPlan) -> int:
     return sum(2 * t.shape[0] * t.shape[1] for t in plan.targets.values())
 
 
-def prepare(input_dir: Path, scheme: str = "auto",
-            experts_only: bool = False) -> tuple[CheckpointReader, dict, QuantPlan]:
+def prepare(input_dir: Path, scheme: str = "auto", experts_only: bool = False,
+            tensor_parallel: int = 1) -> tuple[CheckpointReader, dict, QuantPlan]:
     """Read headers and config and build the plan: everything that can fail fast, with no output yet."""
+    if not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+        raise UsageError(f"--tensor-parallel must be a positive integer (got {tensor_parallel})",
+                         "the number of GPUs vLLM will shard the model over, e.g. --tensor-parallel 1")
     reader = CheckpointReader(input_dir)
     config = load_json(Path(input_dir) / "config.json", "config.json")
     plan = build_plan(reader, config, scheme, experts_only)
+    if plan.scheme == "block":
+        problem = block_expert_problem(plan, config, tensor_parallel)
+        if problem and scheme == "block":
+            raise UsageError(*problem)
+        if problem:  # auto chose block from whole-matrix sizes; the per-rank expert slices do not fit it
+            plan = build_plan(reader, config, "channel", experts_only)
+            plan.scheme_reason = f"not block: {problem[0]}"
     return reader, config, plan
+
+
+def expert_intermediate_sizes(plan: QuantPlan, hidden: int) -> dict[str, int]:
+    """Per-expert intermediate size of every routed and shared expert matrix the plan quantizes."""
+    sizes = {}
+    for t in plan.targets.values():
+        if t.kind in ("expert", "shared_expert"):
+            out_f, in_f = t.shape
+            sizes[t.name] = in_f if out_f == hidden else out_f
+    return sizes
+
+
+def block_expert_problem(plan: QuantPlan, config: dict, tensor_parallel: int = 1) -> tuple[str, str] | None:
+    """Why vLLM cannot serve this MoE with block FP8, and the `moeify split --pad-to` that fixes it.
+
+    vLLM shards each expert's intermediate dimension over the tensor-parallel ranks and its block-FP8
+    MoE kernels tile each rank's slice in whole 128-wide blocks, so every expert's intermediate size
+    must be a multiple of 128 x tensor_parallel. Checked from the plan (the headers), before any work.
+    """
+    hidden = config.get("hidden_size")
+    sizes = expert_intermediate_sizes(plan, hidden if isinstance(hidden, int) else -1)
+    need = BLOCK * tensor_parallel
+    bad = sorted({s for s in sizes.values() if s % need})
+    if not bad:
+        return None
+    name = next(n for n, s in sizes.items() if s in bad)
+    per_rank = ", ".join(f"{s} / {tensor_parallel} = {s / tensor_parallel:g}" if tensor_parallel > 1 else str(s)
+                         for s in bad[:4])
+    message = (f"--scheme block: expert intermediate sizes {per_rank} per tensor-parallel rank are not multiples "
+               f"of {BLOCK} (e.g. {name} {list(plan.targets[name].shape)}); vLLM's block-FP8 MoE kernels need "
+               f"whole {BLOCK}-wide blocks per rank")
+    hint = f"re-split with `moeify split ... --pad-to {need}` (experts padded to multiples of {need} neurons)"
+    if isinstance(hidden, int) and hidden % BLOCK:
+        hint = (f"hidden size {hidden} is not a multiple of {BLOCK} either, so no --pad-to makes block scales "
+                f"fit this model: use --scheme channel")
+    return message, hint
 
 
 def quantize_fp8(input_dir: str | Path, output: str | Path, scheme: str = "auto", experts_only: bool = False,
                  verify: bool = True, overwrite: bool = False, reporter: Reporter = SILENT,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> QuantizeResult:
-    """Quantize the attention and MLP/expert projections of a checkpoint folder to FP8 e4m3."""
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, tensor_parallel: int = 1) -> QuantizeResult:
+    """Quantize the attention and MLP/expert projections of a checkpoint folder to FP8 e4m3.
+
+    `tensor_parallel` is the degree vLLM will serve with: block scales need each rank's slice of every
+    expert to be whole 128-wide blocks, which is checked before anything is written.
+    """
     input_dir, output = Path(input_dir), Path(output)
     check_output_path(output, [input_dir], overwrite)
     start = time.perf_counter()
-    reader, config, plan = prepare(input_dir, scheme, experts_only)
+    reader, config, plan = prepare(input_dir, scheme, experts_only, tensor_parallel)
     reporter.note(f"scheme {plan.scheme}: {plan.scheme_reason}")
     previous = read_metadata(input_dir)
 
