@@ -143,3 +143,25 @@ def moe_layout(config: dict[str, Any]) -> MoELayout:
     hidden = require_int(config, "hidden_size")
     dense_size = require_int(config, "intermediate_size") if dense_layers else 0
     return MoELayout(experts, top_k, size, shared_size, layers, dense_layers, hidden, dense_size)
+
+
+# Parameter names of a loaded student, for what finetune trains and what peft adapts. The router's
+# parameters are moeify's own `ScaledRouter` (finetune/moe_model.py), installed as the block's router.
+SHARED_EXPERT_BLOCKS = tuple(dict.fromkeys(t.shared_block for t in _T if t.shared_block))
+SHARED_EXPERT_PROJECTIONS = [f"{b}.{p}" for b in SHARED_EXPERT_BLOCKS for p in _T[0].dense_parts]
+FUSED_EXPERT_PARAMETERS = [f"experts.{FUSED_GATE_UP}", f"experts.{FUSED_DOWN}"]
+_SCALED_ROUTER = (f".{ROUTER_ATTR}.weight_unit", f".{ROUTER_ATTR}.log_scale")
+
+
+def is_router_parameter(name: str) -> bool:
+    """A `ScaledRouter`'s unit direction or log temperature (trained fully, never LoRA'd)."""
+    return any(marker in name for marker in _SCALED_ROUTER)
+
+
+def is_expert_parameter(name: str) -> bool:
+    """A routed expert's (fused) weight or a shared expert's projection."""
+    return ".experts." in name or any(f".{b}." in name for b in SHARED_EXPERT_BLOCKS)
+
+
+def has_shared_expert(parameter_names: Any) -> bool:
+    return any(f"{b}." in n for n in parameter_names for b in SHARED_EXPERT_BLOCKS)

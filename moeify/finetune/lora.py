@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import torch
 
+from moeify.arch.names import (
+    FUSED_EXPERT_PARAMETERS,
+    SHARED_EXPERT_PROJECTIONS,
+    has_shared_expert,
+    is_router_parameter,
+)
 from moeify.errors import InputError
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-SHARED = ["shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj"]
-EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
+SHARED = SHARED_EXPERT_PROJECTIONS
+EXPERT_PARAMETERS = FUSED_EXPERT_PARAMETERS
 DEFAULT_ATTENTION_RANK = 16
 
 
@@ -33,7 +39,7 @@ def add_lora(model: torch.nn.Module, rank: int, attention: bool) -> torch.nn.Mod
     peft_model = get_peft_model(model, config)
     for name, p in peft_model.named_parameters():
         base = name.removeprefix("base_model.model.").replace(".base_layer", "")
-        if ".gate.weight_unit" in name or ".gate.log_scale" in name:
+        if is_router_parameter(name):
             p.requires_grad_(True)
         elif not rank and base in trainable_before:  # experts train fully when only attention is LoRA'd
             p.requires_grad_(True)
@@ -45,4 +51,4 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _has_shared(model: torch.nn.Module) -> bool:
-    return any("shared_expert." in n for n, _ in model.named_parameters())
+    return has_shared_expert(n for n, _ in model.named_parameters())

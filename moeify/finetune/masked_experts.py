@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeify.arch.names import fused_experts
+
 
 def masked_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                            top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -43,7 +45,7 @@ def masked_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_i
 
 def supports_masked(experts: nn.Module) -> bool:
     """The fused, gated, non-transposed, bias-free layout this forward assumes (all moeify targets)."""
-    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    gate_up, down = fused_experts(experts)
     if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor):
         return False
     if gate_up.dim() != 3 or down.dim() != 3 or not hasattr(experts, "act_fn"):

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from moeify.arch.names import is_expert_parameter, is_router_parameter
 from moeify.errors import InputError, UsageError
 from moeify.finetune.data import BatchPlan, load_chunks, steps_for
 from moeify.finetune.distill import DistillConfig, distill
@@ -169,8 +170,7 @@ def set_trainable(model: torch.nn.Module) -> int:
     expert's gate stay frozen (the gate at its split value keeps the shared expert always on)."""
     count = 0
     for name, p in model.named_parameters():
-        train = (".gate.weight_unit" in name or ".gate.log_scale" in name or ".experts." in name
-                 or (".shared_expert." in name))
+        train = is_router_parameter(name) or is_expert_parameter(name)
         p.requires_grad_(train)
         count += p.numel() if train else 0
     return count
