@@ -16,6 +16,7 @@ from moeify.arch import source_family
 from moeify.errors import UnsupportedModelError
 from moeify.io.reader import CheckpointReader
 from moeify.split.convert import SplitOptions, split_model
+from tests.char_tokenizer import add_char_tokenizer
 from tests.tiny_models import COMMON, _randomize
 
 # float32 end to end, relative to the largest logit: the near-uniform router contributes ~1e-5, the
@@ -38,10 +39,14 @@ def _logits(folder, ids):
         return model(ids).logits, type(model).__name__
 
 
-@pytest.mark.parametrize("shared,arch", [(0, "MixtralForCausalLM"), (1, "Qwen2MoeForCausalLM")])
-def test_all_experts_reproduce_dense_phi3_logits(phi3_dir, tmp_path, shared, arch):
+@pytest.mark.parametrize("shared,arch,method", [(0, "MixtralForCausalLM", "weights"),
+                                                (1, "Qwen2MoeForCausalLM", "weights"),
+                                                (1, "Qwen2MoeForCausalLM", "activations")])
+def test_all_experts_reproduce_dense_phi3_logits(phi3_dir, tmp_path, shared, arch, method):
     out = tmp_path / "moe"
-    result = split_model(phi3_dir, out, SplitOptions(experts=4, top_k=4, shared=shared, method="weights"))
+    folder = add_char_tokenizer(phi3_dir, copy_to=tmp_path / "dense")  # calibration text for `activations`
+    result = split_model(folder, out, SplitOptions(experts=4, top_k=4, shared=shared, method=method,
+                                                   calibration_tokens=256))
     assert result["architecture"] == arch
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     dense, _ = _logits(phi3_dir, ids)
@@ -49,6 +54,27 @@ def test_all_experts_reproduce_dense_phi3_logits(phi3_dir, tmp_path, shared, arc
     assert loaded == arch
     err = (dense - moe).abs().max() / dense.abs().max()
     assert err <= EXACT_TOL, f"relative logit error {err:.2e}"
+
+
+def test_calibration_sees_the_phi3_ffn_input(phi3_dir):
+    """The layer-by-layer runner drives Phi-3's own decoder layers: its X is what Phi3MLP receives."""
+    from moeify.io.reader import load_json
+    from moeify.split.calibrate import LayerRunner
+
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    runner = LayerRunner(phi3_dir, CheckpointReader(phi3_dir), load_json(phi3_dir / "config.json", "config"),
+                         tokens)
+    model = AutoModelForCausalLM.from_pretrained(phi3_dir, dtype=torch.float32, local_files_only=True).eval()
+    seen = []
+    hook = model.model.layers[1].mlp.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        model(tokens)
+    hook.remove()
+    family = source_family(load_json(phi3_dir / "config.json", "config"))
+    for layer in range(2):
+        x = runner.ffn_input(layer)
+        runner.advance(family.load_ffn(runner.reader, layer).forward(x))
+    assert torch.allclose(x, seen[0].reshape(-1, 64), atol=1e-5)
 
 
 def test_fused_tensors_are_split_by_rows(phi3_dir, tmp_path):
