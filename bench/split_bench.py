@@ -151,6 +151,10 @@ def child_split(src: str, dst: str, method: str, experts: int, top_k: int, share
         trace.append(row)
 
     convert._write_moe_layer = write_and_trace
+    if os.environ.get("SPLIT_BENCH_NO_TRIM"):  # --no-trim: what the heap does without moeify's per-layer trim
+        import moeify.device
+
+        moeify.device.trim_heap = lambda: None
     options = SplitOptions(experts=experts, top_k=top_k, shared=shared, method=method, calibration_tokens=tokens,
                            device=device)
     result = split_model(src, dst, options, overwrite=True)
@@ -233,6 +237,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints for a rerun")
     parser.add_argument("--cluster", action="store_true", help="only time the balanced clustering")
     parser.add_argument("--no-copy", action="store_true", help="skip the copy (saves disk on a GPU machine)")
+    parser.add_argument("--no-trim", action="store_true", help="children skip the per-layer heap trim (to compare)")
     parser.add_argument("--json", type=Path, help="also write every row as JSON here")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -251,6 +256,8 @@ def main() -> None:
             Path(rest[1]).write_text(json.dumps(cluster_seconds(rest[0])))
         return
     me = [sys.executable, __file__, "--child"]
+    if args.no_trim:
+        os.environ["SPLIT_BENCH_NO_TRIM"] = "1"
     args.workdir.mkdir(parents=True, exist_ok=True)
     scratch = args.workdir / "result.json"
     if args.cluster:

@@ -355,6 +355,7 @@ def _stream(plan: SplitPlan, reader: CheckpointReader, family, method, folder: P
             layer_info.append({"layer": i, "expert_sizes": [e.size for e in moe.experts],
                                "shared_size": moe.shared.size if moe.shared is not None else 0, **moe.info})
             del moe  # written: the next layer's build must not run with this one's experts still held
+            compute.release()  # and the memory it used goes back (GPU cache, CPU heap): flat at any depth
         _copy(reader, w, family, target, plan.config, tail)
     return layer_info
 
