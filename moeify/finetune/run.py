@@ -413,7 +413,23 @@ def _announce_memory(student: torch.nn.Module, options: FinetuneOptions, plan: R
         saving = estimate_memory(student, replace(options, gradient_checkpointing=True), plan.device, plan.seq_len)
         hint = f" ({_gb(saving['total'])} with --gradient-checkpointing)"
     reporter.note(f"estimated peak {where}: {_gb(memory['total'])}{hint}; the time is estimated after two steps")
+    available = _memory_available(plan.device)
+    if available is not None and memory["total"] > available:
+        reporter.note(f"warning: that is more than this machine's {_gb(available)}; pass --gradient-checkpointing "
+                      "or a smaller --batch-size")
     return memory
+
+
+def _memory_available(device: str) -> int | None:
+    """Total RAM (CPU) or the GPU's memory, for the warning that a run will not fit; None when unknown."""
+    try:
+        if device == "cuda":
+            return int(torch.cuda.get_device_properties(0).total_memory)
+        import os
+
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None
 
 
 def _time_estimate(steps: int, reporter: Reporter):
