@@ -107,7 +107,7 @@ def choose_scheme(shapes: dict[str, tuple[int, int]], requested: str) -> tuple[s
         raise UsageError(f"unknown scheme {requested!r}", f"choose one of: auto, {', '.join(SCHEMES)}")
     odd = sorted({d for shape in shapes.values() for d in shape if d % BLOCK})
     if requested != "auto":
-        reason = "chosen with --scheme"
+        reason = "as requested (--scheme, or quantize.scheme in a recipe), not auto"
         if requested == "block" and odd:
             reason += (f"; dimensions {_fmt_dims(odd)} are not multiples of {BLOCK}, so edge blocks are "
                        "partial (transformers' CPU dequantization and vLLM's block kernels need full blocks)")
