@@ -47,10 +47,12 @@ def load_model(folder: Path):
     """Stock transformers, local files only; float32 unless the checkpoint is quantized."""
     from transformers import AutoModelForCausalLM
 
+    from moeify.arch.consistency import check_checkpoint
     from moeify.io.reader import CheckpointReader, load_json
 
     config = load_json(folder / "config.json", "config.json")
-    CheckpointReader(folder)  # headers and index validated, pickles refused, before transformers reads anything
+    # headers, index and config.json checked, pickles refused, before transformers reads anything
+    check_checkpoint(CheckpointReader(folder), config)
     dtype = "auto" if config.get("quantization_config") else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
@@ -225,6 +227,7 @@ def activation_ratio(folder: Path, baseline: Path | None) -> float | None:
 def evaluate_model(model: str | Path, options: EvalOptions | None = None, baseline: str | Path | None = None,
                    reporter: Reporter = SILENT) -> dict[str, Any]:
     """Score `model` (and `baseline`) on the same chunks; returns everything `moeify eval` prints."""
+    from moeify.arch.consistency import check_folder
     from moeify.data import load_text, load_tokenizer, tokenize_chunks
     from moeify.source import resolve_source
 
@@ -238,6 +241,9 @@ def evaluate_model(model: str | Path, options: EvalOptions | None = None, baseli
     started = time.perf_counter()
     folder = resolve_source(model, reporter=reporter).folder
     base_folder = resolve_source(baseline, reporter=reporter).folder if baseline is not None else None
+    for checked in (folder, base_folder):  # config.json against the tensors, before the tokenizer reads it
+        if checked is not None:
+            check_folder(checked)
     text_spec = options.text or default_eval_text()
     chunks = tokenize_chunks(load_tokenizer(folder), load_text(text_spec), options.seq_len,
                              max_chunks=options.max_chunks)

@@ -246,15 +246,18 @@ def _check_values(held: _Held, config: dict[str, Any], arch: SourceFamily | Targ
 
 @functools.lru_cache(maxsize=64)
 def _accepts_null(model_type: str, key: str) -> bool:
-    """Whether transformers' config class for `model_type` turns an explicit null for `key` into a value (as
-    LlamaConfig derives head_dim), rather than refusing it (Qwen3Config's head_dim) or keeping the null for
-    the model to trip over (Qwen3MoeConfig's num_local_experts)."""
+    """Whether transformers takes an explicit null for `key` of `model_type`: its config class turns it into
+    a value (LlamaConfig's num_key_value_heads), or keeps a null head_dim that the attention then derives
+    (MixtralConfig, whose save_pretrained writes `"head_dim": null`); not when the class refuses it
+    (Qwen3Config's head_dim) or keeps a null count for the model to trip over (Qwen3MoeConfig's
+    num_local_experts)."""
     from transformers import AutoConfig
 
     try:
-        return getattr(AutoConfig.for_model(model_type, **{key: None}), key, None) is not None
+        value = getattr(AutoConfig.for_model(model_type, **{key: None}), key, None)
     except Exception:  # noqa: BLE001 - whatever the class raises, it does not take the null
         return False
+    return value is not None or key == "head_dim"
 
 
 @functools.lru_cache(maxsize=16)

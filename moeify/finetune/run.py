@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from moeify.arch.consistency import check_checkpoint
 from moeify.arch.names import is_expert_parameter, is_router_parameter
 from moeify.errors import InputError, UsageError
 from moeify.finetune.data import BatchPlan, load_chunks, steps_for
@@ -26,7 +27,7 @@ from moeify.finetune.distill import DistillConfig, distill
 from moeify.finetune.moe_model import MOE_TYPES, load_student, moe_blocks
 from moeify.finetune.state import checkpoint_dir, read_state
 from moeify.io.output import atomic_output, check_output_path
-from moeify.io.reader import load_json
+from moeify.io.reader import CheckpointReader, load_json
 from moeify.metadata import hardware, read_metadata, write_metadata
 from moeify.progress import SILENT, Reporter
 from moeify.source import copy_side_files, resolve_source
@@ -264,12 +265,14 @@ def _check_input(moe_dir: Path) -> dict[str, Any]:
     if config.get("model_type") not in MOE_TYPES:
         raise InputError(f"{moe_dir}: model_type {config.get('model_type')!r} is not an MoE moeify fine-tunes",
                          f"give the output of `moeify split` ({', '.join(MOE_TYPES)})")
+    check_checkpoint(CheckpointReader(moe_dir), config)
     return config
 
 
 def _resolve_teacher(moe_dir: Path, options: FinetuneOptions, config: dict[str, Any], reporter: Reporter):
     teacher_source = resolve_source(teacher_spec(moe_dir, options.teacher), reporter=reporter)
     teacher_config = load_json(teacher_source.folder / "config.json", "config.json")
+    check_checkpoint(CheckpointReader(teacher_source.folder), teacher_config)
     if teacher_config.get("vocab_size") != config.get("vocab_size"):
         raise InputError(f"the teacher's vocabulary ({teacher_config.get('vocab_size')}) differs from the MoE's "
                          f"({config.get('vocab_size')})", "use the dense model the MoE was split from")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from moeify.arch.consistency import check_checkpoint
 from moeify.errors import HubError, InputError, UsageError
 from moeify.io.output import LOCK_SUFFIX, TMP_PREFIX, writer_pid
 from moeify.io.reader import INDEX_NAME, CheckpointReader, load_json
@@ -115,6 +116,7 @@ def validate_folder(folder: str | Path, reporter: Reporter = SILENT) -> tuple[li
     if not isinstance(config.get("model_type"), str):
         raise InputError(f"{folder / 'config.json'}: has no model_type", "is this a transformers checkpoint?")
     reader = CheckpointReader(folder)  # parses every header, checks sizes and the index
+    check_checkpoint(reader, config)  # and config.json against the tensors
     weight_files = {info.file.name for info in reader.tensors.values()}
     total = reader.index_metadata.get("total_size") if isinstance(reader.index_metadata, dict) else None
     if isinstance(total, int) and total != reader.total_bytes():

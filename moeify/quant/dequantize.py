@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from moeify.arch.consistency import check_checkpoint
 from moeify.errors import InputError, UnsupportedModelError
 from moeify.io.output import atomic_output, check_output_path
 from moeify.io.reader import CheckpointReader, load_json
@@ -98,6 +99,7 @@ def dequantize_checkpoint(input_dir: str | Path, output: str | Path, overwrite: 
     reader = CheckpointReader(input_dir)
     config = load_json(input_dir / "config.json", "config.json")
     scheme, block, pairs, specs = _plan(reader, config)
+    check_checkpoint(reader, config)  # the output keeps this config.json: it must fit the weights
     wanted = [s.name for s in specs]
     previous = read_metadata(input_dir)
     with atomic_output(output, overwrite) as tmp:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moeify.arch import names
-from moeify.arch.shapes import check_config_shapes
+from moeify.arch.consistency import check_checkpoint
 from moeify.errors import InputError, UnsupportedModelError, UsageError
 from moeify.io.reader import CheckpointReader
 from moeify.io.writer import TensorSpec
@@ -134,13 +134,13 @@ def build_plan(reader: CheckpointReader, config: dict, scheme: str = "auto",
                experts_only: bool = False) -> QuantPlan:
     """Decide every output tensor from the headers; fails before any work on a bad input."""
     check_not_quantized(config, reader)
-    check_config_shapes(reader, config)  # the output's config.json is the input's: it must fit the weights
     for name, info in reader.tensors.items():
         module = name.rsplit(".", 1)[0] if "." in name else name
         if len(info.shape) == 3 and (FUSED_EXPERTS.search(module) or FUSED_EXPERTS.search(name)):
             raise UnsupportedModelError(
                 f"{reader.folder}: tensor {name!r} holds fused experts {list(info.shape)}",
                 "re-save it with transformers (it writes per-expert keys) or convert it with `moeify split`")
+    check_checkpoint(reader, config)  # the output's config.json is the input's: it must fit the weights
 
     candidates: dict[str, str] = {}
     for name, info in reader.tensors.items():

@@ -192,11 +192,11 @@ def plan_split(model: str | Path, options: SplitOptions, reporter: Reporter = SI
     config = load_json(source.folder / "config.json", "config.json")
     family = source_family(config)
     reader = CheckpointReader(source.folder)
+    check_checkpoint(reader, config)  # config.json against the tensors (headers only), before any option math
     inter, layers = config["intermediate_size"], config["num_hidden_layers"]
     options, layout_why = resolve_layout(options, inter)
     target, tplan = plan_target(config, options)
 
-    check_checkpoint(reader, config)  # layers, tensor sets and shapes against config.json, headers only
     dtype = DTYPES[options.dtype] or reader.info(family.ffn_tensors(0)[0]).dtype
     if not dtype.is_floating_point or dtype.itemsize < 2:
         raise InputError(f"FFN weights are stored as {dtype}", "split an unquantized (16/32-bit) checkpoint")
