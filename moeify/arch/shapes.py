@@ -125,5 +125,3 @@ def check_shapes(reader: CheckpointReader, config: dict[str, Any], known: Mappin
         if dims is not None and (error := shape_error(reader, name, dims, config)) is not None:
             raise error
 
-
-check_config_shapes = check_shapes  # transitional: call sites move to arch.consistency.check_checkpoint
