@@ -124,4 +124,3 @@ def check_shapes(reader: CheckpointReader, config: dict[str, Any], known: Mappin
             dims = expected_shape(name, config, ffn=known is None)
         if dims is not None and (error := shape_error(reader, name, dims, config)) is not None:
             raise error
-
