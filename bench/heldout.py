@@ -107,6 +107,8 @@ def main() -> None:
             **{k: round(v, 3) for k, v in ppl.items()}, **{f"{k}_x": round(v, 3) for k, v in ratios.items()},
             "geomean_x": round(math.sqrt(math.prod(ratios.values())), 3), "split_s": round(split_s, 1),
             **{k: v for k, v in info.items() if k.startswith("mean_") or k == "refined_layers"},
+            "layer_errors": [layer.get("error_after_refine", layer.get("error_after_repair"))
+                             for layer in result["layers"]],
         }), flush=True)
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)

@@ -67,7 +67,7 @@ class ActivationsMethod(SplitMethod):
     repair = True
     router_ridge = 1e-3
     down_ridge = 1.0  # measured on held-out text: 1e-2 0.440, 1e-1 0.389, 1.0 0.386 (docs/quality.md)
-    refine_steps = 0  # layer-local refinement after the closed-form steps (refine.py); 0 = off
+    refine_steps = 100  # layer-local refinement after the closed-form steps (refine.py); 0 = off
     refine_lr = RefineSettings.lr
     refine_batch = RefineSettings.batch
     chunk_len = 512  # calibration sequence length, set in prepare(): refinement holds out whole sequences

@@ -112,7 +112,7 @@ def refine_layer(moe: MoELayer, x: torch.Tensor, target: torch.Tensor, top_k: in
     """
     train, held = _split_tokens(x.shape[0], chunk_len, settings.holdout)
     x, target = x.float(), target.float()
-    model = _Trainable(moe)
+    model = _Trainable(moe).to(x.device)  # the layer's inputs decide the device (split --device)
     before = _error(model, x[held], target[held], top_k)
     params = {n: p for n, p in model.named_parameters() if n in settings.train}
     for n, p in model.named_parameters():
@@ -129,7 +129,7 @@ def refine_layer(moe: MoELayer, x: torch.Tensor, target: torch.Tensor, top_k: in
     batch = min(settings.batch, xt.shape[0])
     first = last = None
     for _ in range(settings.steps):
-        rows = torch.randint(0, xt.shape[0], (batch,), generator=g)
+        rows = torch.randint(0, xt.shape[0], (batch,), generator=g).to(x.device)
         loss = (model(xt[rows], top_k) - tt[rows]).pow(2).sum(1).mean() / energy
         opt.zero_grad(set_to_none=True)
         loss.backward()
