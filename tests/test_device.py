@@ -221,3 +221,24 @@ def test_cuda_split_is_close_to_cpu(tiny_models, tmp_path, method):
         e_cpu, e_gpu = (r["method_info"]["mean_error_after_repair"] for r in (cpu, gpu))
         assert abs(e_gpu - e_cpu) < 0.05 * e_cpu + 0.01
     assert _tensors(tmp_path / "cpu").keys() == _tensors(tmp_path / "cuda").keys()
+
+
+def test_repair_token_space_equals_neuron_space():
+    """The Woodbury (tokens x tokens) route gives the ridge solution of the n x n normal equations."""
+    from moeify.split.methods import repair
+    from moeify.split.moe_layer import MoELayer
+
+    g = torch.Generator().manual_seed(5)
+    hidden, m, experts, tokens = 16, 8, 4, 60
+    blocks = [FFNWeights(*(torch.randn(s, generator=g) for s in ((m, hidden), (m, hidden), (hidden, m))))
+              for _ in range(experts + 1)]
+    moe = MoELayer(blocks[:experts], torch.randn(experts, hidden, generator=g), blocks[experts])
+    x = torch.randn(tokens, hidden, generator=g)
+    target = torch.randn(tokens, hidden, generator=g)
+    choices = torch.topk(torch.randn(tokens, experts, generator=g), 2, dim=-1).indices
+    joined, sizes = repair.neuron_blocks(moe)
+    args = (joined, sizes, experts, x, target, choices, 0.5, 7, None)
+    by_neurons = repair._refit_in_neuron_space(*args)
+    by_tokens = repair._refit_in_token_space(*args)
+    torch.testing.assert_close(by_tokens, by_neurons, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(by_neurons, joined.down, atol=1e-3)  # the refit moved the weights

@@ -60,42 +60,88 @@ def refit_down(moe: MoELayer, x: torch.Tensor, target: torch.Tensor, choices: to
     (autocast is switched off here; only the activations may come in as bf16 from a GPU).
     """
     joined, sizes = neuron_blocks(moe)
-    n = joined.size
-    device = x.device
+    n, tokens, width = joined.size, x.shape[0], target.shape[1]
     experts = len(moe.experts)
-    offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
-    gram = torch.zeros(n, n, dtype=torch.float64, device=device)
-    rhs = torch.zeros(n, target.shape[1], dtype=torch.float64, device=device)
-    with torch.autocast(device_type=device.type, enabled=False):
-        for s in range(0, x.shape[0], chunk):
-            f = ffn_activations(joined, x[s:s + chunk]) if feats is None else feats[s:s + chunk]
-            picked = choices[s:s + chunk]
-            f = f.float() * active_mask(picked, sizes, experts)
-            t = target[s:s + chunk].float()
-            # Block row b of the normal equations only sums tokens where block b runs (elsewhere its
-            # masked activations are exact zeros): the same sums at (top_k + shared) / experts of the cost.
-            for b, (lo, hi) in enumerate(zip(offsets, offsets[1:], strict=False)):
-                if b < experts:
-                    rows = (picked == b).any(dim=1).nonzero().squeeze(1)
-                    if rows.numel() == 0:
-                        continue
-                    fb, tb = f.index_select(0, rows), t.index_select(0, rows)
-                else:
-                    fb, tb = f, t
-                block = fb[:, lo:hi]
-                gram[lo:hi] += (block.T @ fb).double()  # float32 products, float64 sums: same solution
-                rhs[lo:hi] += (block.T @ tb).double()
-        old = joined.down.T.double()
-        lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
-        gram.diagonal().add_(lam)  # in place: a second n x n float64 matrix is 1.6 GB at Llama-3-8B width
-        new = _spd_solve(gram, rhs + lam * old).T.float()
-        del gram
+    active = (choices.shape[1] * sizes[0] + (sizes[-1] if len(sizes) > experts else 0)) / n
+    neuron_cost = active * n * n * tokens + n * tokens * width + n**3 / 3  # n x n normal equations
+    token_cost = tokens * tokens * n + 2 * n * tokens * width + tokens**3 / 3  # tokens x tokens (Woodbury)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if token_cost < neuron_cost:
+            new = _refit_in_token_space(joined, sizes, experts, x, target, choices, ridge, chunk, feats)
+        else:
+            new = _refit_in_neuron_space(joined, sizes, experts, x, target, choices, ridge, chunk, feats)
     parts = torch.split(new, sizes, dim=1)
     experts = [FFNWeights(e.gate, e.up, d.contiguous()) for e, d in zip(moe.experts, parts, strict=False)]
     shared = moe.shared
     if shared is not None:
         shared = FFNWeights(shared.gate, shared.up, parts[-1].contiguous())
     return MoELayer(experts, moe.router, shared, moe.dense, dict(moe.info))
+
+
+def _refit_in_neuron_space(joined: FFNWeights, sizes: list[int], experts: int, x: torch.Tensor, target: torch.Tensor,
+                           choices: torch.Tensor, ridge: float, chunk: int, feats: torch.Tensor | None) -> torch.Tensor:
+    """New down projections [hidden, n] from the n x n normal equations (when tokens outnumber neurons)."""
+    n, device = joined.size, x.device
+    offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    gram = torch.zeros(n, n, dtype=torch.float64, device=device)
+    rhs = torch.zeros(n, target.shape[1], dtype=torch.float64, device=device)
+    for s in range(0, x.shape[0], chunk):
+        f = ffn_activations(joined, x[s:s + chunk]) if feats is None else feats[s:s + chunk]
+        picked = choices[s:s + chunk]
+        f = f.float() * active_mask(picked, sizes, experts)
+        t = target[s:s + chunk].float()
+        # Block row b of the normal equations only sums tokens where block b runs (elsewhere its
+        # masked activations are exact zeros): the same sums at (top_k + shared) / experts of the cost.
+        for b, (lo, hi) in enumerate(zip(offsets, offsets[1:], strict=False)):
+            if b < experts:
+                rows = (picked == b).any(dim=1).nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                fb, tb = f.index_select(0, rows), t.index_select(0, rows)
+            else:
+                fb, tb = f, t
+            block = fb[:, lo:hi]
+            gram[lo:hi] += (block.T @ fb).double()  # float32 products, float64 sums: same solution
+            rhs[lo:hi] += (block.T @ tb).double()
+    old = joined.down.T.double()
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
+    gram.diagonal().add_(lam)  # in place: a second n x n float64 matrix is 1.6 GB at Llama-3-8B width
+    new = _spd_solve(gram, rhs + lam * old).T.float()
+    del gram
+    return new
+
+
+def _refit_in_token_space(joined: FFNWeights, sizes: list[int], experts: int, x: torch.Tensor, target: torch.Tensor,
+                          choices: torch.Tensor, ridge: float, chunk: int, feats: torch.Tensor | None) -> torch.Tensor:
+    """The same ridge solution through the tokens x tokens system (when neurons outnumber tokens).
+
+    With A the masked activations [tokens, n], D0 the old down projections and Y the target,
+    (A^T A + lam I)^-1 (A^T Y + lam D0) = D0 + A^T (A A^T + lam I)^-1 (Y - A D0)  (push-through identity),
+    so a Llama-3-8B layer calibrated on 4096 tokens solves 4096 x 4096 instead of 14336 x 14336: a
+    fraction of the work and of the memory. lam is the same (ridge x the mean of diag(A^T A)).
+    """
+    n, tokens, device = joined.size, x.shape[0], x.device
+    parts = []
+    for s in range(0, tokens, chunk):
+        f = ffn_activations(joined, x[s:s + chunk]) if feats is None else feats[s:s + chunk]
+        parts.append(f.float() * active_mask(choices[s:s + chunk], sizes, experts))
+    a = torch.cat(parts)
+    del parts
+    old = joined.down.T.float()  # [n, hidden]
+    lam = ridge * (a.pow(2).sum(dtype=torch.float64) / n).clamp_min(1e-12)
+    kernel = torch.zeros(tokens, tokens, dtype=torch.float64, device=device)
+    residual = target.double()
+    for lo in range(0, n, chunk):  # float32 products over neuron blocks, float64 sums
+        block = a[:, lo:lo + chunk]
+        kernel += (block @ block.T).double()
+        residual -= (block @ old[lo:lo + chunk]).double()
+    kernel.diagonal().add_(lam)
+    weights = _spd_solve(kernel, residual).float()  # [tokens, hidden]
+    del kernel, residual
+    delta = torch.zeros(n, old.shape[1], dtype=torch.float64, device=device)
+    for s in range(0, tokens, chunk):
+        delta += (a[s:s + chunk].T @ weights[s:s + chunk]).double()
+    return (old.double() + delta).T.float()
 
 
 def _spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
