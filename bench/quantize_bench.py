@@ -272,11 +272,13 @@ def sensitivity(f32: Path, work: Path, chunks_n: int, seq_len: int) -> dict:
     variants = [(g, kinds_, s) for g, kinds_ in GROUPS.items()
                 for s in (("channel", "tensor", "block") if g in ("attention", "experts", "all (default plan)")
                           else ("channel",))]
-    variants += [(f"attention {p}", ("attention",), "channel") for p in PROJECTIONS]
+    # vLLM fuses q/k/v into one qkv_proj (and gate/up): a precision choice must hold for the whole fused group
+    variants += [(f"attention {p}", ("attention",), "channel") for p in (*PROJECTIONS, "qkv")]
     for label, group, scheme in variants:
         names = [n for n, k in kinds.items() if k in group]
         if label.startswith("attention ") and label != "attention":
-            names = [n for n in names if label.split()[1] in n]
+            parts = ("q_proj", "k_proj", "v_proj") if label.endswith("qkv") else (label.split()[1],)
+            names = [n for n in names if any(p in n for p in parts)]
         got = run(names, scheme)
         rel = {k: got[k] / base[k] - 1 for k in got}
         geo = math.exp(sum(math.log(got[k] / base[k]) for k in got) / len(got)) - 1

@@ -333,6 +333,8 @@ def main() -> None:
         r = serve(args.vllm_python, folders[name], args.device, prompt_ids, args.repeats, args.work)
         key = name if i < len(order) - 1 else "dense (again)"
         results[key] = {**r, **analytic(folders[name])}
+        with (args.work / "partial.jsonl").open("a") as f:  # a run cut short keeps what it measured
+            f.write(json.dumps({"config": key, **results[key]}) + "\n")
         print(f"{key:16s} " + (f"decode {r['decode_tok_s']:.1f} tok/s  batch16 {r['batch16_tok_s']:.0f} tok/s  "
                                f"peak {r['peak_rss_mb']} MB" if "error" not in r else f"ERROR {r['error']}"),
               flush=True)
