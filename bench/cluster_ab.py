@@ -5,9 +5,8 @@
 For each seed it splits SmolLM2-135M with the default (activations, compensated) method twice, once with
 each clustering, and prints the mean per-layer errors moeify.json records and the held-out perplexity
 (`moeify eval`'s default text, --eval-chunks chunks). Several seeds show how much two clusterings of equal
-quality differ anyway. The reference below is the pre-torch implementation (scikit-learn's KMeans for the
-centroids, then a sequential greedy capacity-constrained assignment over all sorted pairs), kept here only
-to compare.
+quality differ anyway. Both implementations live in moeify/split/methods/cluster.py: scikit-learn's KMeans
+with a sequential greedy capacity-constrained assignment (what the CPU runs) and the torch one (GPUs).
 """
 
 from __future__ import annotations
@@ -24,37 +23,19 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from moeify.split.methods import cluster  # noqa: E402
 
-def reference_balanced_kmeans(features, k: int, capacity: int | None = None, iters: int = 8, seed: int = 0,
-                              device=None) -> np.ndarray:
-    from sklearn.cluster import KMeans
 
-    x = (features.cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)).astype(np.float32)
-    n = x.shape[0]
-    capacity = capacity or -(-n // k)
-    if k == 1:
-        return np.zeros(n, dtype=np.int64)
-    centroids = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=50).fit(x).cluster_centers_
-    labels = None
-    for _ in range(iters):
-        d = (x * x).sum(1, keepdims=True) - 2 * x @ centroids.T + (centroids * centroids).sum(1)[None, :]
-        order = np.argsort(d, axis=None, kind="stable")
-        new = np.full(n, -1, dtype=np.int64)
-        counts = np.zeros(k, dtype=np.int64)
-        left = n
-        for r, c in zip(*np.unravel_index(order, d.shape), strict=True):
-            if new[r] < 0 and counts[c] < capacity:
-                new[r], counts[c], left = c, counts[c] + 1, left - 1
-                if left == 0:
-                    break
-        if labels is not None and np.array_equal(new, labels):
-            break
-        labels = new
-        for c in range(k):
-            members = x[labels == c]
-            if len(members):
-                centroids[c] = members.mean(axis=0)
-    return labels
+def _via(impl):
+    """balanced_kmeans' signature over one of cluster.py's two implementations, whatever the device."""
+    def run(features, k: int, capacity: int | None = None, iters: int = 8, seed: int = 0, device=None):
+        x = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features).float()
+        capacity = capacity or -(-x.shape[0] // k)
+        if k == 1:
+            return np.zeros(x.shape[0], dtype=np.int64)
+        return impl(x.cpu().numpy(), k, capacity, iters, seed) if impl is cluster.cpu_balanced_kmeans \
+            else impl(x, k, capacity, iters, seed)
+    return run
 
 
 def main() -> None:
@@ -67,13 +48,13 @@ def main() -> None:
     from bench.split_bench import smollm2_folder
     from moeify.evaluate import EvalOptions, evaluate_model
     from moeify.split.convert import SplitOptions, split_model
-    from moeify.split.methods import activations, cluster
+    from moeify.split.methods import activations
 
     dense = smollm2_folder()
     experts, top_k, shared = (int(v) for v in args.config.split("x"))
     for seed in args.seeds:
-        for name, impl in (("scikit-learn", reference_balanced_kmeans), ("torch", cluster.balanced_kmeans)):
-            activations.balanced_kmeans = impl
+        for name, impl in (("scikit-learn", cluster.cpu_balanced_kmeans), ("torch", cluster.torch_balanced_kmeans)):
+            activations.balanced_kmeans = _via(impl)
             out = args.work / f"{name}-{seed}"
             start = time.perf_counter()
             r = split_model(dense, out, SplitOptions(experts=experts, top_k=top_k, shared=shared, seed=seed,

@@ -46,7 +46,11 @@ def smollm2_folder() -> Path:
 
 
 def perplexities(folder: Path, chunks: dict[str, torch.Tensor]) -> dict[str, float]:
-    model = load_model(folder)
+    return model_perplexities(load_model(folder), chunks)
+
+
+def model_perplexities(model, chunks: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Perplexity per named text of token chunks (shared with bench/quantize_bench.py)."""
     out = {}
     with torch.no_grad():
         for name, rows in chunks.items():

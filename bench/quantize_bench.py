@@ -213,7 +213,7 @@ def sensitivity(f32: Path, work: Path, chunks_n: int, seq_len: int) -> dict:
     import math
 
     from moeify.data import load_tokenizer, packaged_text, tokenize_chunks
-    from moeify.evaluate import chunk_nll, load_model
+    from moeify.evaluate import load_model
     from moeify.quant.fp8 import dequantize, quantize
     from moeify.split.convert import SplitOptions, split_model
 
@@ -232,15 +232,9 @@ def sensitivity(f32: Path, work: Path, chunks_n: int, seq_len: int) -> dict:
     params = dict(model.named_parameters())
 
     def ppl() -> dict[str, float]:
-        out = {}
-        with torch.no_grad():
-            for name, rows in chunks.items():
-                nll = count = 0.0
-                for row in rows:
-                    a, b = chunk_nll(model, row)
-                    nll, count = nll + a, count + b
-                out[name] = math.exp(nll / count)
-        return out
+        from bench.heldout import model_perplexities
+
+        return model_perplexities(model, chunks)
 
     def fp8(w: torch.Tensor, scheme: str) -> torch.Tensor:
         q, sc = quantize(w, scheme)  # type: ignore[arg-type]

@@ -1,4 +1,8 @@
-"""Balanced grouping of neurons into equal-size experts, in torch on the split's device.
+"""Balanced grouping of neurons into equal-size experts: scikit-learn on the CPU, torch on a GPU.
+
+On the CPU `balanced_kmeans` runs scikit-learn's k-means and a sequential greedy capacity-constrained
+assignment (every quality figure in docs/quality.md was measured with it). On a GPU it runs the torch
+version described below; bench/cluster_ab.py compares the two on SmolLM2.
 
 Plain k-means gives clusters of any size; experts must be equal. We run k-means (k-means++ seeding,
 Lloyd iterations) for the centroids, then alternate a capacity-constrained assignment with centroid
@@ -149,8 +153,14 @@ def balanced_kmeans(features: np.ndarray | torch.Tensor, k: int, capacity: int |
         return np.zeros(n, dtype=np.int64)
     if x.device.type == "cpu":
         # On the CPU the scikit-learn k-means that every quality figure in docs/quality.md was measured with;
-        # the torch version below (for GPUs, where it is much faster) is not yet shown to group as well.
-        return _cpu_balanced_kmeans(x.numpy(), k, capacity, iters, seed)
+        # the torch version (for GPUs, where it is much faster) is not yet shown to group as well
+        # (bench/cluster_ab.py compares the two).
+        return cpu_balanced_kmeans(x.numpy(), k, capacity, iters, seed)
+    return torch_balanced_kmeans(x, k, capacity, iters, seed)
+
+
+def torch_balanced_kmeans(x: torch.Tensor, k: int, capacity: int, iters: int = 8, seed: int = 0) -> np.ndarray:
+    """k-means++ and Lloyd in torch on x's device, then balanced assignment rounds (GPU path)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         centroids = kmeans(x, k, seed=seed)
         x_sq = (x * x).sum(1, keepdim=True)
@@ -164,7 +174,7 @@ def balanced_kmeans(features: np.ndarray | torch.Tensor, k: int, capacity: int |
     return labels.cpu().numpy()
 
 
-def _cpu_balanced_kmeans(x: np.ndarray, k: int, capacity: int, iters: int, seed: int) -> np.ndarray:
+def cpu_balanced_kmeans(x: np.ndarray, k: int, capacity: int, iters: int = 8, seed: int = 0) -> np.ndarray:
     """scikit-learn's k-means for the centroids, then a greedy capacity-constrained assignment over all
     neuron-centroid pairs sorted once (O(n k log(n k)): seconds for 14336 neurons into 64 experts)."""
     from sklearn.cluster import KMeans
