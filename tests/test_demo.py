@@ -56,12 +56,12 @@ def test_cli_renders_the_comparison_table(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_resumes(tmp_path, smollm2_dir):
-    """The real path on SmolLM2, shrunk (2048 calibration tokens, 2 eval chunks) to fit the test budget."""
+    """The real path on SmolLM2, shrunk (2048 calibration tokens, 10 refinement steps, 2 eval chunks) to fit the test budget."""
     from moeify.pipeline.demo import run_demo
 
     assert smollm2_gguf() is not None
     out = tmp_path / "demo"
-    small = ["split.calibration_tokens=2048"]
+    small = ["split.calibration_tokens=2048", "split.refine_steps=10"]
     result = run_demo(out, max_chunks=2, overrides=small)
     dense, moe, fp8 = result["rows"]
     assert [s["status"] for s in result["run"]["stages"]] == ["ran", "ran"]
