@@ -54,3 +54,11 @@ def test_explicit_layouts_are_honoured():
 def test_impossible_requests_are_usage_errors(kwargs):
     with pytest.raises(UsageError):
         allocate(1536, **kwargs)
+
+
+def test_split_with_active_plans_and_records_the_choice(tiny_models):
+    from moeify.split.convert import plan_split
+
+    plan = plan_split(tiny_models["llama"], SplitOptions(active=0.25))  # plan_split resolves, plan_target must not
+    assert plan.options.active == 0.25 and None not in (plan.options.experts, plan.options.top_k, plan.options.shared)
+    assert "asked 25%" in plan.layout_why

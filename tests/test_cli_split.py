@@ -55,7 +55,8 @@ def _unsupported(tmp_path):
     ("existing output", ["split", "{llama}", "-o", "{llama}/../qwen2"], "already exists"),
     ("output inside input", ["split", "{llama}", "-o", "{llama}/moe"], "inside the input"),
     ("unknown method", ["split", "{llama}", "--method", "magic", "-o", "{tmp}/out"], "unknown --method"),
-    ("dense layers on mixtral", ["split", "{llama}", "-e", "4", "-k", "2", "--dense-layers", "0", "-o", "{tmp}/out"], "cannot keep layers"),
+    ("dense layers on mixtral", ["split", "{llama}", "-e", "4", "-k", "2", "--dense-layers", "0", "-o", "{tmp}/out"],
+     "cannot keep layers"),
 ])
 def test_bad_input_is_one_line_exit_2(tiny_models, tmp_path, case, args, message):
     gpt2 = _unsupported(tmp_path)

@@ -56,7 +56,8 @@ def test_cli_renders_the_comparison_table(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_resumes(tmp_path, smollm2_dir):
-    """The real path on SmolLM2, shrunk (2048 calibration tokens, 10 refinement steps, 2 eval chunks) to fit the test budget."""
+    """The real path on SmolLM2, shrunk (2048 calibration tokens, 10 refinement steps, 2 eval chunks) to fit
+    the test budget."""
     from moeify.pipeline.demo import run_demo
 
     assert smollm2_gguf() is not None

@@ -243,8 +243,8 @@ def test_validate_reads_headers_of_a_local_model(tmp_path):
     from tests.tiny_models import build
 
     tiny_models = {"llama": build("llama", tmp_path / "llama")}
-    recipe = parse_recipe(f"model: {tiny_models['llama']}\noutput: {tmp_path / 'out'}\nsplit:\n  experts: 500\n  shared: 0\n",
-                          "r.yaml")
+    recipe = parse_recipe(f"model: {tiny_models['llama']}\noutput: {tmp_path / 'out'}\n"
+                          "split:\n  experts: 500\n  shared: 0\n", "r.yaml")
     with pytest.raises(UsageError, match=r"r.yaml: split: 500 experts \+ 0 shared need more neurons"):
         check_recipe(recipe)
     ok = check_recipe(parse_recipe(f"model: {tiny_models['llama']}\noutput: {tmp_path / 'out'}\n"

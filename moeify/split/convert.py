@@ -176,7 +176,8 @@ def plan_target(config: dict[str, Any], options: SplitOptions) -> tuple[TargetAr
     """
     family = source_family(config)
     inter, layers = config["intermediate_size"], config["num_hidden_layers"]
-    options, _ = resolve_layout(options, inter)
+    if None in (options.experts, options.top_k, options.shared):  # plan_split passes them resolved already
+        options, _ = resolve_layout(options, inter)
     validate_options(options, inter, layers)
     target = target_arch(family.choose_target(options.shared, options.target))
     size = expert_size_for(inter, options.experts, options.shared, options.pad_to)
