@@ -4,6 +4,7 @@
     python bench/finetune_step.py 8x2x0 stock --steps 5 --batch-size 4
     python bench/finetune_step.py 48x16x16 masked --device cuda --batch-size 16   # as `moeify finetune` on a GPU
     python bench/finetune_step.py 48x16x16 masked --gradient-checkpointing        # issue 17's memory goal
+    python bench/finetune_step.py 48x16x16 masked --gradient-checkpointing --keep-allocator   # glibc as is
     python bench/finetune_step.py 48x16x16 masked --loss plain                    # the whole-logits loss, before
     python bench/finetune_step.py 48x16x16 masked --moe /tmp/split48              # a split made with `moeify split`
 
@@ -41,10 +42,13 @@ def main() -> None:
     ap.add_argument("--moe", type=Path, default=None, help="an existing split to train (default: made in --workdir)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--loss", default="chunked", choices=["chunked", "plain"])
+    ap.add_argument("--keep-allocator", action="store_true",
+                    help="with --gradient-checkpointing on CPU: leave glibc's dynamic mmap threshold as it is")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from moeify.data import load_tokenizer, tokenize_chunks
+    from moeify.device import return_freed_blocks_promptly
     from moeify.finetune.distill import (
         DistillConfig,
         balance_loss,
@@ -54,7 +58,7 @@ def main() -> None:
         kl_to_teacher,
     )
     from moeify.finetune.moe_model import load_student
-    from moeify.finetune.run import load_teacher, pick_experts_forward, set_trainable
+    from moeify.finetune.run import load_teacher, pick_experts_forward, set_checkpointing, set_trainable
     from moeify.split.methods import DEFAULT_METHOD
 
     dense = smollm2_folder()
@@ -67,7 +71,9 @@ def main() -> None:
     set_trainable(student)
     used = pick_experts_forward(student, args.forward)
     if args.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(student, True)
+        if not cuda and not args.keep_allocator:  # as `moeify finetune --gradient-checkpointing` on CPU
+            return_freed_blocks_promptly()
     student.train()
     teacher = load_teacher(dense, args.device).to(device)
     optimizer = build_optimizer(student, DistillConfig(steps=args.steps))

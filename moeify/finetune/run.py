@@ -21,6 +21,7 @@ import torch
 
 from moeify.arch.consistency import check_checkpoint
 from moeify.arch.names import is_expert_parameter, is_router_parameter
+from moeify.device import return_freed_blocks_promptly
 from moeify.errors import InputError, UsageError
 from moeify.finetune.data import BatchPlan, load_chunks, steps_for
 from moeify.finetune.distill import DistillConfig, distill
@@ -382,7 +383,9 @@ def _run_stage2(student: torch.nn.Module, teacher_folder: Path, plan: RunPlan, o
 
         student = add_lora(student, options.lora, options.attention_lora)
     if options.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(student, True)
+        if torch.device(plan.device).type == "cpu" and return_freed_blocks_promptly():
+            record["cpu_allocator"] = "blocks of 1 MiB and more from mmap (returned to the OS when freed)"
     cfg = DistillConfig(steps=plan.steps, lr=options.lr, warmup=plan.warmup, batch_size=options.batch_size,
                         balance_coef=options.balance_coef, router_scale_lr=options.router_scale_lr,
                         checkpoint_every=options.checkpoint_every, seed=options.seed)
@@ -396,7 +399,7 @@ def _run_stage2(student: torch.nn.Module, teacher_folder: Path, plan: RunPlan, o
 
         student = merge_lora(student)
     if options.gradient_checkpointing:
-        student.gradient_checkpointing_disable()
+        set_checkpointing(student, False)
     del teacher
     batch_tokens = BatchPlan(plan.chunks.shape[0], options.batch_size, options.seed, plan.world).global_batch
     record.update(tokens=result.tokens, steps=result.steps, first_loss=result.first_loss,
@@ -405,6 +408,23 @@ def _run_stage2(student: torch.nn.Module, teacher_folder: Path, plan: RunPlan, o
                   expert_load=result.expert_load, load_summary=_load_summary(result.expert_load),
                   losses=result.losses, warmup=plan.warmup, batch_tokens=batch_tokens * plan.seq_len)
     return student
+
+
+def set_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant, so frozen inputs work).
+
+    transformers 5 renamed `gradient_checkpointing_*` to `activation_checkpointing_*` and warns on the old
+    names; older releases have only the old ones.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _announce_memory(student: torch.nn.Module, options: FinetuneOptions, plan: RunPlan,
