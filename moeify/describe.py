@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from moeify.arch import MOE_MODEL_TYPES, SOURCES, source_family
-from moeify.arch.names import is_ffn_tensor, moe_layout
+from moeify.arch.names import is_ffn_tensor, is_routed_expert_tensor, is_router_tensor, moe_layout
+from moeify.arch.shapes import EMBED, LM_HEAD
 from moeify.errors import MoeifyError
 from moeify.io.reader import CheckpointReader, load_json
 from moeify.metadata import read_metadata
+
+_SCALES = ("weight_scale_inv", "weight_scale", "input_scale")  # quantization companions, not parameters
+_EMBED_MODULE = EMBED.removesuffix("weight")  # the weight and any companion of the input embedding
 
 
 def describe(folder: str | Path) -> dict[str, Any]:
@@ -20,7 +23,7 @@ def describe(folder: str | Path) -> dict[str, Any]:
     model_type = config.get("model_type")
     params = sum(i.numel for i in reader.tensors.values())
     ffn_params = sum(i.numel for n, i in reader.tensors.items() if is_ffn_tensor(n)
-                     and not n.endswith(("weight_scale_inv", "weight_scale", "input_scale")))
+                     and not n.endswith(_SCALES))
     info: dict[str, Any] = {
         "path": str(folder), "model_type": model_type, "architectures": config.get("architectures"),
         "layers": config.get("num_hidden_layers"), "hidden_size": config.get("hidden_size"),
@@ -78,11 +81,6 @@ def _describe_moe(config: dict[str, Any], reader: CheckpointReader, ffn_params: 
     }
 
 
-_EXPERT = re.compile(r"\.experts\.(\d+\.)?")  # per-expert (experts.3.w1) and fused (experts.gate_up_proj)
-_ROUTER = re.compile(r"\.(mlp|block_sparse_moe)\.(gate|shared_expert_gate)\.weight$")
-_SCALES = ("weight_scale_inv", "weight_scale", "input_scale")
-
-
 def decode_traffic(config: dict[str, Any], reader: CheckpointReader, top_k: int | None = None,
                    experts: int | None = None, padding_neurons: int = 0) -> dict[str, Any]:
     """Parameters and weight bytes one decoded token reads at batch 1: the analytic bound on decode speed.
@@ -95,18 +93,18 @@ def decode_traffic(config: dict[str, Any], reader: CheckpointReader, top_k: int 
     gates and `padding_neurons` zero neurons per layer left out): dense bytes / MoE bytes is the most a
     split can speed decoding up.
     """
-    tied = bool(config.get("tie_word_embeddings", False)) and "lm_head.weight" not in reader.tensors
+    tied = bool(config.get("tie_word_embeddings", False)) and LM_HEAD not in reader.tensors
     share = top_k / experts if top_k and experts else 1.0
     params = nbytes = dense_params = dense_bytes = 0.0
     ffn_itemsize = 0
     for name, t in reader.tensors.items():
         read, dense = 1.0, 1.0
-        if name.startswith("model.embed_tokens.") and not tied and t.shape:
+        if name.startswith(_EMBED_MODULE) and not tied and t.shape:
             read = dense = 1.0 / t.shape[0]
-        elif _EXPERT.search(name):
+        elif is_routed_expert_tensor(name):
             read = share
             ffn_itemsize = max(ffn_itemsize, t.nbytes // max(1, t.numel))
-        elif _ROUTER.search(name):
+        elif is_router_tensor(name):
             dense = 0.0
         counted = 0 if name.endswith(_SCALES) else t.numel
         params += counted * read

@@ -58,6 +58,9 @@ FUSED_EXPERTS = re.compile(r"(?:^|\.)experts\.(?:" + _alt(
 MOE_BLOCK_ATTRS = tuple(dict.fromkeys(t.moe_block for t in _T))
 ROUTER_ATTR = _T[0].router
 assert all(t.router == ROUTER_ATTR for t in _T), "finetune swaps routers by one attribute name"
+# Any stored tensor under an MoE block's routed experts: per-expert projections, their quantization
+# scales, fused tensors (`experts.gate_up_proj`). Shared experts (`shared_expert(s).`) are not routed.
+_ROUTED_EXPERT_TENSOR = re.compile(rf"(?:^|\.)(?:{_alt([*MOE_BLOCK_ATTRS, MEMORY_BLOCK])})\.experts\.")
 
 _ROLE = {part: role for t in _T for part, role in zip(t.expert_parts, ("gate", "up", "down"), strict=True)}
 _MEMORY_EXPERT = re.compile(rf"^(model\.layers\.\d+\.{MEMORY_BLOCK})\.experts\.(\d+)\.(\w+)\.weight$")
@@ -87,6 +90,18 @@ def is_ffn_tensor(name: str) -> bool:
     """Whether a checkpoint tensor belongs to an FFN: a dense family's, or an MoE block's (experts, router)."""
     markers = {f".{t.moe_block}." for t in _T} | {f".{t.dense_block}." for t in _T}
     return any(m in name for m in markers) or any(f.is_ffn_tensor(name) for f in SOURCES)
+
+
+def is_routed_expert_tensor(name: str) -> bool:
+    """Whether a checkpoint tensor belongs to a routed expert, in any layout or dtype (scales included):
+    the tensors a token reads only a top-k share of (`moeify inspect`'s decode traffic)."""
+    return _ROUTED_EXPERT_TENSOR.search(name) is not None
+
+
+def is_router_tensor(name: str) -> bool:
+    """Whether a checkpoint tensor is a router's (or a shared expert gate's) weight: read at every
+    token by the MoE, absent from its dense equivalent."""
+    return name.endswith(".weight") and ROUTER_MODULE.match(name.removesuffix(".weight")) is not None
 
 
 def sparse_block(decoder_layer: nn.Module) -> tuple[str, nn.Module] | None:
