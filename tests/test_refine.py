@@ -72,16 +72,24 @@ def test_heldout_tokens_are_whole_sequences():
 def test_split_records_refinement_per_layer(tiny_models, tmp_path):
     src = add_char_tokenizer(tiny_models["llama"], copy_to=tmp_path / "src")
     out = tmp_path / "moe"
-    result = split_model(src, out, SplitOptions(experts=4, top_k=1, shared=1, refine_steps=20, refine_batch=64,
-                                                calibration_tokens=1024))
+    # 4096 calibration tokens: with 1024 the held-out eighth is too small and 20-50 steps help no layer there
+    result = split_model(src, out, SplitOptions(experts=4, top_k=1, shared=1, refine_steps=50, refine_batch=64,
+                                                calibration_tokens=4096))
     layers = json.loads((out / "moeify.json").read_text())["stages"]["split"]["layers"]
     assert len(layers) == 2
     for layer in layers:
-        assert layer["refine_steps"] == 20
-        assert layer["error_heldout_before_refine"] > 0
-        if layer["refined"]:
-            assert layer["error_heldout_after_refine"] < layer["error_heldout_before_refine"]
-    assert result["options"]["refine_steps"] == 20
+        assert layer["refine_steps"] == 50
+        before, after = layer["error_heldout_before_refine"], layer["error_heldout_after_refine"]
+        assert before > 0
+        # keep-if-better: the refined layer is written only when it lowered the held-out error, else the closed
+        # form is kept (the recorded `after` is then the discarded attempt's). The figures are rounded to 5
+        # decimals after the comparison, and rounding is monotonic, so the checks hold with no other tolerance.
+        assert (after <= before) if layer["refined"] else (after >= before), layer
+    # and refinement does help here: at least one layer is written refined, its held-out error at least 0.5%
+    # lower (measured: layer 0 0.2648 -> 0.2616, 1.2%; layer 1 is kept, its attempt was worse)
+    assert any(layer["refined"] and layer["error_heldout_after_refine"] <= 0.995 * layer["error_heldout_before_refine"]
+               for layer in layers), layers
+    assert result["options"]["refine_steps"] == 50
 
 
 def test_ctrl_c_during_refinement_leaves_no_output(tiny_models, tmp_path, monkeypatch):
