@@ -31,6 +31,21 @@ def test_split_then_inspect_json(tiny_models, tmp_path):
     assert info["kind"] == "dense" and info["can_become"] == ["qwen2_moe"]
 
 
+@pytest.mark.parametrize(("top_k", "shown", "suggested"), [(2, "50.0%", "0.25"), (1, "25.0%", "0.5")])
+def test_active_hint_suggests_another_share(tiny_models, tmp_path, top_k, shown, suggested):
+    r = invoke("split", tiny_models["llama"], "-e", "4", "-k", str(top_k), "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    assert f"{shown} of the dense FFN per token (another with --active, e.g. {suggested})" in r.stdout
+
+
+def test_active_hint_never_repeats_the_share_used():
+    from moeify.cli.split_cmd import active_hint
+
+    for ratio in (0.05, 0.125, 0.25, 0.3, 0.375, 0.5, 0.75, 1.0):
+        suggested = float(active_hint(ratio).rsplit(" ", 1)[1])
+        assert abs(suggested - ratio) >= 0.125, (ratio, suggested)
+
+
 def test_quiet_prints_nothing(tiny_models, tmp_path):
     r = invoke("split", tiny_models["llama"], "-e", "2", "-k", "1", "-o", tmp_path / "o", "--quiet")
     assert r.exit_code == 0 and r.stdout == ""

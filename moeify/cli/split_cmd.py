@@ -80,10 +80,16 @@ def split(
     rows = [("output", result["output"]), ("architecture", result["architecture"]),
             ("experts", f"{o['experts']} routed (top-{o['top_k']}) + {o['shared']} shared, "
                         f"{result['expert_size']} neurons each"),
-            ("activation ratio", f"{result['activation_ratio']:.1%} of the dense FFN per token (another with "
-                                 "--active, e.g. 0.25)"),
+            ("activation ratio", f"{result['activation_ratio']:.1%} of the dense FFN per token "
+                                 f"({active_hint(result['activation_ratio'])})"),
             ("method", method), ("time", f"{result['timings_s']['total']:.1f} s")]
     out.result({k: v for k, v in result.items() if k != "layers"}, title="split", rows=rows)
+
+
+def active_hint(ratio: float) -> str:
+    """Point at --active with a share unlike the split just made, so the suggestion is a real alternative:
+    a quarter after about half or more of the FFN (the default), half after a smaller share."""
+    return f"another with --active, e.g. {0.5 if ratio < 0.375 else 0.25}"
 
 
 def parse_layers(text: str | None) -> list[int]:
