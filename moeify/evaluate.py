@@ -4,7 +4,8 @@ Models are loaded the way users will load them, with stock `AutoModelForCausalLM
 (float32, or the checkpoint's own dtype when it is quantized: transformers dequantizes FP8). Text is
 cut by `moeify.data.tokenize_chunks`, so every model is scored on identical tokens.
 
-Expert load comes from hooks on each MoE block's router (`mlp.gate`), which in transformers 5 returns
+Expert load comes from hooks on each MoE block's router (`mlp.gate`, or `block_sparse_moe.gate` for Mixtral
+before transformers 5: arch/names.py finds the block), which in transformers 5 returns
 (logits, weights, indices) for Mixtral, Qwen2-MoE and Qwen3-MoE alike. Reconstruction error is
 measured layer by layer: the baseline's FFN input at each layer is fed to the MoE block of the same
 layer and compared to the baseline's FFN output, so each number is that layer's own error, not the
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moeify.arch.names import ROUTER_ATTR, ffn_block
 from moeify.device import resolve_device
 from moeify.errors import InputError, UsageError
 from moeify.progress import SILENT, Reporter
@@ -71,10 +73,16 @@ def _layers(model) -> list[torch.nn.Module]:
     return list(layers)
 
 
+def _ffn(layer: torch.nn.Module) -> torch.nn.Module | None:
+    """The decoder layer's FFN module, dense or MoE, whatever transformers calls it."""
+    found = ffn_block(layer)
+    return found[1] if found else None
+
+
 def _moe_gate(layer: torch.nn.Module) -> torch.nn.Module | None:
-    mlp = getattr(layer, "mlp", None)
-    gate = getattr(mlp, "gate", None)
-    return gate if gate is not None and hasattr(gate, "weight") and hasattr(mlp, "experts") else None
+    block = _ffn(layer)
+    gate = getattr(block, ROUTER_ATTR, None)
+    return gate if gate is not None and hasattr(gate, "weight") and hasattr(block, "experts") else None
 
 
 class _Loads:
@@ -135,14 +143,14 @@ class _LayerErrors:
                              "give the dense model this one was split from as --baseline")
         self.err = [0.0] * len(self.dense_layers)
         self.ref = [0.0] * len(self.dense_layers)
-        self.hooks = [layer.mlp.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.moe_layers)
+        self.hooks = [_ffn(layer).register_forward_hook(self._hook(i)) for i, layer in enumerate(self.moe_layers)
                       if _moe_gate(layer) is not None]
         self.dtype = next(baseline.parameters()).dtype
 
     def _hook(self, index: int):
         def record(module, args, output):
             got = (output[0] if isinstance(output, tuple) else output).float()
-            want = self.dense_layers[index].mlp(args[0].to(self.dtype)).float()
+            want = _ffn(self.dense_layers[index])(args[0].to(self.dtype)).float()
             self.err[index] += (got - want).pow(2).sum().item()
             self.ref[index] += want.pow(2).sum().item()
 

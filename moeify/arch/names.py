@@ -56,6 +56,8 @@ FUSED_EXPERTS = re.compile(r"(?:^|\.)experts\.(?:" + _alt(
 # Module attribute names of a loaded transformers MoE: the block of a decoder layer, in lookup order,
 # and the router inside it (the same name for every target).
 MOE_BLOCK_ATTRS = tuple(dict.fromkeys(t.moe_block for t in _T))
+# ... and of any decoder layer's FFN: an MoE block first, else the dense block (`mlp` in every source family).
+FFN_ATTRS = tuple(dict.fromkeys([*MOE_BLOCK_ATTRS, *(t.dense_block for t in _T)]))
 ROUTER_ATTR = _T[0].router
 assert all(t.router == ROUTER_ATTR for t in _T), "finetune swaps routers by one attribute name"
 # Any stored tensor under an MoE block's routed experts: per-expert projections, their quantization
@@ -102,6 +104,17 @@ def is_router_tensor(name: str) -> bool:
     """Whether a checkpoint tensor is a router's (or a shared expert gate's) weight: read at every
     token by the MoE, absent from its dense equivalent."""
     return name.endswith(".weight") and ROUTER_MODULE.match(name.removesuffix(".weight")) is not None
+
+
+def ffn_block(decoder_layer: nn.Module) -> tuple[str, nn.Module] | None:
+    """A loaded decoder layer's FFN and its attribute name, dense or MoE: the MoE block is `mlp` for
+    Qwen2-MoE, Qwen3-MoE and transformers 5's Mixtral, `block_sparse_moe` for Mixtral before transformers 5,
+    so hooks and stand-ins (eval, calibration) must not assume one name. None when the layer has none."""
+    for attr in FFN_ATTRS:
+        block = getattr(decoder_layer, attr, None)
+        if block is not None:
+            return attr, block
+    return None
 
 
 def sparse_block(decoder_layer: nn.Module) -> tuple[str, nn.Module] | None:

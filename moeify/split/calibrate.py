@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from moeify.arch import source_family
+from moeify.arch.names import ffn_block
 from moeify.device import CPU, Compute
 from moeify.io.reader import CheckpointReader
 from moeify.progress import SILENT, Reporter
@@ -133,7 +134,10 @@ class LayerRunner:
         prefix = f"model.layers.{layer}."
         state = {n[len(prefix):]: self.compute.put(self.reader.get(n)) for n in self.reader.names()
                  if n.startswith(prefix) and not self.family.is_ffn_tensor(n)}
-        module.mlp = _Capture()
+        found = ffn_block(module)
+        if found is None:
+            raise RuntimeError(f"layer {layer}: {type(module).__name__} has no FFN module to capture the input of")
+        setattr(module, found[0], _Capture())
         module.to_empty(device=self.compute.device)
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
         if unexpected or missing:
@@ -147,6 +151,7 @@ class LayerRunner:
         if pending:
             raise RuntimeError(f"layer {self._layer}: advance() stream {pending[0]} before running layer {layer}")
         module = self._load_layer(layer)
+        capture = ffn_block(module)[1]  # the _Capture _load_layer put in the FFN's place
         try:
             with self.compute.autocast():
                 for s, hidden in enumerate(self.hidden):
@@ -159,12 +164,12 @@ class LayerRunner:
                                      position_ids=self.position_ids.expand(rows, -1),
                                      position_embeddings=(cos.expand(rows, -1, -1), sin.expand(rows, -1, -1)))
                         mids.append((out[0] if isinstance(out, tuple) else out).float())
-                    x = torch.cat(module.mlp.seen).float()
-                    module.mlp.seen.clear()
+                    x = torch.cat(capture.seen).float()
+                    capture.seen.clear()
                     self._x[s] = x.reshape(-1, x.shape[-1])
                     self._mid[s] = torch.cat(mids)
         finally:
-            module.mlp.seen.clear()
+            capture.seen.clear()
             module.to("meta")  # drop the weights: one layer in memory at a time
         self._layer = layer
 
