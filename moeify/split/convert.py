@@ -335,13 +335,16 @@ def _stream(plan: SplitPlan, reader: CheckpointReader, family, method, folder: P
     target, tplan = plan.target, plan.target_plan
     layer_info = []
     head, carried_by_layer, tail = _carried_names(reader, family, plan.layers)
+    # A method that gathers stored rows as they are (weights) takes the FFN in the checkpoint's dtype: a
+    # float32 copy of the layer and the conversion of every expert back would only cost time.
+    ffn_dtype = None if getattr(method, "stored_dtype", False) else torch.float32
     with ShardedWriter(folder, plan.specs, options.max_shard_bytes, metadata={"moeify_version": __version__}) as w:
         _copy(reader, w, family, target, plan.config, head)
         for i in reporter.track(range(plan.layers), "Splitting layers", total=plan.layers):
             _copy(reader, w, family, target, plan.config, carried_by_layer.get(i, []))
             for name, tensor in target.extra_tensors(plan.config, i, plan.dtype).items():
                 w.write(name, tensor)
-            ffn = family.load_ffn(reader, i)  # checked finite as read
+            ffn = family.load_ffn(reader, i, ffn_dtype)  # checked finite as read
             if i in tplan.dense_layers:
                 dense_names = target.dense_names(i)
                 for n, t in zip((dense_names.gate, dense_names.up, dense_names.down), (ffn.gate, ffn.up, ffn.down),
@@ -350,7 +353,7 @@ def _stream(plan: SplitPlan, reader: CheckpointReader, family, method, folder: P
                 layer_info.append({"layer": i, "dense": True})
                 continue
             with compute.autocast():  # this layer's tensors on the device; bf16 products there, float32 on CPU
-                moe = method.build(i, FFNWeights(*(compute.put(t) for t in (ffn.gate, ffn.up, ffn.down))))
+                moe = method.build(i, FFNWeights(*(compute.put(t, ffn_dtype) for t in (ffn.gate, ffn.up, ffn.down))))
             del ffn
             _write_moe_layer(w, target, tplan, i, moe, plan.dtype, options.router_logit_std)
             layer_info.append({"layer": i, "expert_sizes": [e.size for e in moe.experts],
@@ -379,12 +382,21 @@ def _write_moe_layer(w: ShardedWriter, target: TargetArch, tplan: TargetPlan, la
         names = target.expert_names(layer, j)
         w.write(names.gate, expert.gate.to(dtype))
         w.write(names.up, expert.up.to(dtype))
-        w.write(names.down, (expert.down * scale).to(dtype))
+        w.write(names.down, (_widened(expert.down, dtype) * scale).to(dtype))
     shared_names = target.shared_names(layer)
     if shared_names is not None:
         hidden = moe.router.shape[1]
         block = moe.shared or FFNWeights(torch.zeros(0, hidden), torch.zeros(0, hidden), torch.zeros(hidden, 0))
         w.write(shared_names.gate, block.gate.to(dtype))
         w.write(shared_names.up, block.up.to(dtype))
-        w.write(shared_names.down, (block.down / target.shared_gate_value).to(dtype))
+        w.write(shared_names.down, (_widened(block.down, dtype) / target.shared_gate_value).to(dtype))
         w.write(target.shared_gate_name(layer), torch.zeros(1, hidden, dtype=torch.float32))
+
+
+def _widened(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in the wider of its dtype and `dtype`, so that scaling it rounds once, as in float32.
+
+    A bf16 tensor scaled for a bf16 output is computed in float32 and rounded by torch's kernels, the
+    very bits of scaling a float32 copy; a bf16 tensor bound for a float32 output must be widened first.
+    """
+    return tensor.to(torch.promote_types(tensor.dtype, dtype))

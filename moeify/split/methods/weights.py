@@ -19,18 +19,45 @@ def neuron_features(ffn: FFNWeights, index: torch.Tensor, dims: int = 128, seed:
     """Each neuron as its normalised gate row, up row and down column, concatenated and randomly projected.
 
     The projection is applied block by block, so the [n, 3*hidden] concatenation (700 MB for a
-    Llama-3-8B layer) is never built. The result stays on the weights' device (the clustering runs there).
+    Llama-3-8B layer) is never built. The weights may be in their stored dtype (bf16): each block's rows
+    are gathered in that dtype (exact) and only that block is widened to float32, so the features are
+    bit for bit those of a float32 layer while at most one float32 block exists at a time. The result
+    stays on the weights' device (the clustering runs there).
     """
     full = len(index) == ffn.size and bool((index == torch.arange(ffn.size, device=index.device)).all())
-    parts = [ffn.gate, ffn.up, ffn.down.T] if full else [ffn.gate[index], ffn.up[index], ffn.down.T[index]]
-    hidden = parts[0].shape[1]
+    blocks = (ffn.gate, ffn.up, ffn.down.T)
+    hidden = ffn.gate.shape[1]
+    rows = len(index)
     if 3 * hidden <= dims:
-        return torch.cat([p / p.norm(dim=1, keepdim=True).clamp_min(1e-12) for p in parts], dim=1).float()
-    proj = projection_matrix(3 * hidden, dims, seed, device=parts[0].device)
-    out = torch.zeros(parts[0].shape[0], dims, device=parts[0].device)
-    for i, p in enumerate(parts):  # (p / |p|) @ P == (p @ P) / |p|: no normalised copy of the weights
+        return torch.cat([_unit_rows(_rows_f32(b, index, full)) for b in blocks], dim=1)
+    proj = projection_matrix(3 * hidden, dims, seed, device=ffn.gate.device)
+    out = torch.zeros(rows, dims, device=ffn.gate.device)
+    for i, b in enumerate(blocks):  # (p / |p|) @ P == (p @ P) / |p|: no normalised copy of the weights
+        p = _rows_f32(b, index, full)
         out += (p @ proj[i * hidden:(i + 1) * hidden]) / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        del p
     return out
+
+
+def _rows_f32(block: torch.Tensor, index: torch.Tensor, full: bool) -> torch.Tensor:
+    """`block[index]` in float32, gathered before widening (a gather is exact in any dtype, and half the bytes).
+
+    down.T is a transposed view: gathering its rows reads one strided column per neuron (3x slower on a
+    CPU than a transpose copy followed by a row gather, which yields the same contiguous rows).
+    """
+    return (block if full else block.contiguous().index_select(0, index)).float()
+
+
+def _unit_rows(p: torch.Tensor) -> torch.Tensor:
+    return p / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _norms_f32(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Float32 norms of a tensor in any dtype (a bf16 norm would round the importance that orders neurons).
+
+    The same values as `t.float().norm(dim=dim)` without a float32 copy of the tensor.
+    """
+    return torch.linalg.vector_norm(t, dim=dim, dtype=torch.float32)
 
 
 def unit_router(centroids: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
@@ -41,12 +68,20 @@ def unit_router(centroids: torch.Tensor, norm_weight: torch.Tensor | None) -> to
 
 
 class WeightsMethod(SplitMethod):
+    """Works on the weights as stored: split.py hands them over in the checkpoint's dtype (`stored_dtype`).
+
+    Everything that is computed (importance, features, centroids) is computed in float32 from exact
+    copies, so the grouping is what a float32 layer gives; the experts are gathered rows and columns,
+    which are exact in bf16 too, so no float32 copy of the layer and no conversion back are needed.
+    """
+
     name = "weights"
+    stored_dtype = True  # read by split.py: load the FFN without widening it to float32
 
     def build(self, layer: int, ffn: FFNWeights) -> MoELayer:
         ctx = self.ctx
         m, experts = ctx.expert_size, ctx.experts
-        importance = ffn.gate.norm(dim=1) * ffn.up.norm(dim=1) * ffn.down.norm(dim=0)
+        importance = _norms_f32(ffn.gate, 1) * _norms_f32(ffn.up, 1) * _norms_f32(ffn.down, 0)
         n_shared = min(ctx.shared * m, ffn.size - experts)  # leave at least one neuron per routed expert
         order = torch.argsort(importance, descending=True)
         shared_idx, routed_idx = order[:n_shared], order[n_shared:]
@@ -54,7 +89,7 @@ class WeightsMethod(SplitMethod):
         labels = balanced_kmeans(feats, experts, capacity=m, seed=ctx.seed + layer)
         groups = [routed_idx[torch.from_numpy(np.flatnonzero(labels == e))] for e in range(experts)]
         zero = torch.zeros(ffn.gate.shape[1], device=ffn.gate.device)
-        centroids = torch.stack([ffn.gate[g].mean(0) if len(g) else zero for g in groups])
+        centroids = torch.stack([ffn.gate[g].float().mean(0) if len(g) else zero for g in groups])
         norm_name = ctx.family.ffn_norm_name(layer)
         gamma = ctx.reader.get(norm_name) if norm_name in ctx.reader else None
         return split_by_groups(ffn, shared_idx, groups, m, ctx.shared * m, unit_router(centroids, gamma))
