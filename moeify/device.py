@@ -105,13 +105,13 @@ def return_freed_blocks_promptly(threshold: int = 1 << 20) -> bool:
     glibc carves blocks under its dynamic mmap threshold (which climbs to 32 MiB as big blocks are freed)
     from its heaps and keeps them after free; a training step's activations and their recomputation under
     gradient checkpointing (MBs each) then leave the resident size well above what is live: the SmolLM2
-    fine-tune peaked at 5.15 GiB with 3.5 GiB live (docs/benchmarks.md "Fine-tune memory"). A fixed 1 MiB
+    fine-tune peaked at 5.15 GiB, 3.43 GiB after a malloc_trim (docs/benchmarks.md "Fine-tune memory"). A fixed 1 MiB
     threshold brought the peak to 3.60 GiB at about 25% fewer tokens/s (fresh pages are faulted in and
     zeroed on every allocation), so only memory-saving runs (`--gradient-checkpointing` on CPU) ask for it.
     It is process-wide and stays set. Returns whether the allocator took it (False off glibc).
     """
     libc = _libc()
-    if not libc or not hasattr(libc, "mallopt"):
+    if not libc:
         return False
     m_mmap_threshold = -3  # malloc.h; setting it also turns off glibc's dynamic threshold
     return bool(libc.mallopt(m_mmap_threshold, int(threshold)))

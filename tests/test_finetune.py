@@ -205,15 +205,9 @@ def test_lora_with_attention_and_checkpointing_merges_into_stock_layout(moes, tm
 
 
 def _glibc() -> bool:
-    import ctypes
-    import sys
+    from moeify.device import _libc
 
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return hasattr(ctypes.CDLL("libc.so.6"), "mallopt")
-    except OSError:
-        return False
+    return _libc() is not None
 
 
 def _add_word_tokenizer(folder, text: str) -> None:

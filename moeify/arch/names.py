@@ -110,16 +110,16 @@ def ffn_block(decoder_layer: nn.Module) -> tuple[str, nn.Module] | None:
     """A loaded decoder layer's FFN and its attribute name, dense or MoE: the MoE block is `mlp` for
     Qwen2-MoE, Qwen3-MoE and transformers 5's Mixtral, `block_sparse_moe` for Mixtral before transformers 5,
     so hooks and stand-ins (eval, calibration) must not assume one name. None when the layer has none."""
-    for attr in FFN_ATTRS:
-        block = getattr(decoder_layer, attr, None)
-        if block is not None:
-            return attr, block
-    return None
+    return _first_block(decoder_layer, FFN_ATTRS)
 
 
 def sparse_block(decoder_layer: nn.Module) -> tuple[str, nn.Module] | None:
     """A loaded decoder layer's FFN module and its attribute name (`block_sparse_moe` or `mlp`)."""
-    for attr in MOE_BLOCK_ATTRS:
+    return _first_block(decoder_layer, MOE_BLOCK_ATTRS)
+
+
+def _first_block(decoder_layer: nn.Module, attrs: tuple[str, ...]) -> tuple[str, nn.Module] | None:
+    for attr in attrs:
         block = getattr(decoder_layer, attr, None)
         if block is not None:
             return attr, block

@@ -337,7 +337,7 @@ def _stream(plan: SplitPlan, reader: CheckpointReader, family, method, folder: P
     head, carried_by_layer, tail = _carried_names(reader, family, plan.layers)
     # A method that gathers stored rows as they are (weights) takes the FFN in the checkpoint's dtype: a
     # float32 copy of the layer and the conversion of every expert back would only cost time.
-    ffn_dtype = None if getattr(method, "stored_dtype", False) else torch.float32
+    ffn_dtype = None if method.stored_dtype else torch.float32
     with ShardedWriter(folder, plan.specs, options.max_shard_bytes, metadata={"moeify_version": __version__}) as w:
         _copy(reader, w, family, target, plan.config, head)
         for i in reporter.track(range(plan.layers), "Splitting layers", total=plan.layers):

@@ -44,6 +44,9 @@ class SplitMethod:
     name: str = ""
     needs_calibration: bool = False
     settings: tuple[str, ...] = ()  # names of SplitOptions fields this method reads into attributes
+    # True: build() takes the FFN in the checkpoint's dtype (a method that only gathers stored rows and
+    # columns); False: in float32, which every method that computes new weights needs.
+    stored_dtype: bool = False
 
     def prepare(self, ctx: SplitContext) -> None:
         self.ctx = ctx

@@ -68,7 +68,7 @@ def unit_router(centroids: torch.Tensor, norm_weight: torch.Tensor | None) -> to
 
 
 class WeightsMethod(SplitMethod):
-    """Works on the weights as stored: split.py hands them over in the checkpoint's dtype (`stored_dtype`).
+    """Works on the weights as stored: convert.py hands them over in the checkpoint's dtype (`stored_dtype`).
 
     Everything that is computed (importance, features, centroids) is computed in float32 from exact
     copies, so the grouping is what a float32 layer gives; the experts are gathered rows and columns,
@@ -76,7 +76,7 @@ class WeightsMethod(SplitMethod):
     """
 
     name = "weights"
-    stored_dtype = True  # read by split.py: load the FFN without widening it to float32
+    stored_dtype = True  # SplitMethod.stored_dtype: convert.py loads the FFN without widening it
 
     def build(self, layer: int, ffn: FFNWeights) -> MoELayer:
         ctx = self.ctx
