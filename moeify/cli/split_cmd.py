@@ -40,7 +40,9 @@ def split(
     pad_to: Annotated[int, typer.Option("--pad-to", help="Round expert sizes up to a multiple of this (128 for "
                                         "block FP8); padding neurons are zero.")] = 1,
     dense_layers: Annotated[str | None, typer.Option("--dense-layers", help="Comma-separated layer indices to "
-                                                     "keep dense (qwen2_moe/qwen3_moe targets).")] = None,
+                                                     "keep dense (qwen2_moe/qwen3_moe targets), or auto: the "
+                                                     "layers that split worst, within the --active budget "
+                                                     "(auto:N: exactly N).")] = None,
     calibration: Annotated[str | None, typer.Option("--calibration", help="Text file, folder or hf:DATASET for "
                                                     "data-driven methods (default: shipped mixed text).")] = None,
     calibration_tokens: Annotated[int, typer.Option("--calibration-tokens",
@@ -83,6 +85,11 @@ def split(
             ("activation ratio", f"{result['activation_ratio']:.1%} of the dense FFN per token "
                                  f"({active_hint(result['activation_ratio'])})"),
             ("method", method), ("time", f"{result['timings_s']['total']:.1f} s")]
+    auto = result.get("dense_layers_auto")
+    if result["dense_layers"] or auto:
+        chosen = ", ".join(map(str, result["dense_layers"])) or "none"
+        rows.insert(3, ("dense layers", chosen if auto is None else f"{chosen} (--dense-layers {auto['request']}: "
+                                                                    "highest screened error)"))
     out.result({k: v for k, v in result.items() if k != "layers"}, title="split", rows=rows)
 
 
@@ -92,11 +99,14 @@ def active_hint(ratio: float) -> str:
     return f"another with --active, e.g. {0.5 if ratio < 0.375 else 0.25}"
 
 
-def parse_layers(text: str | None) -> list[int]:
+def parse_layers(text: str | None) -> list[int] | str:
+    """`0,1,29` -> [0, 1, 29]; `auto` and `auto:N` pass through as text (checked by the split's options)."""
     from moeify.errors import UsageError
 
     if not text:
         return []
+    if text.strip().startswith("auto"):
+        return text.strip()
     try:
         return sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:

@@ -167,6 +167,14 @@ def _import_stage(stage: str, module: str):
                          f"remove `{stage}:` from the recipe") from e
 
 
+def _validate_split(options: dict[str, Any]) -> None:
+    """The split checks that need no model (the rest run against its config in checks.py): `dense_layers`
+    is a list of indices, `auto` or `auto:N` (the recipe type admits any string)."""
+    from moeify.split.dense_auto import parse_dense_layers
+
+    parse_dense_layers(options.get("dense_layers"))
+
+
 def _validate_finetune(options: dict[str, Any]) -> None:
     from moeify.finetune.run import FinetuneOptions, validate_options
 
@@ -236,7 +244,7 @@ def _run_push(step: Step, ctx: RunContext) -> PushResult:
 
 STAGES: dict[str, StageDef] = {s.name: s for s in (
     StageDef("split", "moeify split", "moeify.split.convert", ("SplitOptions",), choices=_split_choices,
-             run=_run_split),
+             run=_run_split, validate=_validate_split),
     StageDef("finetune", "moeify finetune", "moeify.finetune", ("FinetuneOptions",), choices=_finetune_choices,
              run=_run_finetune, validate=_validate_finetune),
     StageDef("quantize", "moeify quantize --fp8", "moeify.quant.quantize", ("quantize_fp8",),

@@ -30,7 +30,8 @@ from moeify.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
 from moeify.metadata import config_hash, write_metadata
 from moeify.progress import SILENT, Reporter
 from moeify.source import Source, copy_side_files, resolve_source
-from moeify.split.allocate import allocate
+from moeify.split import dense_auto
+from moeify.split.allocate import DEFAULT_ACTIVE, allocate
 from moeify.split.methods import DEFAULT_METHOD, SplitContext, make_method
 from moeify.split.methods.activations import STREAMS, ActivationsMethod
 from moeify.split.moe_layer import FFNWeights, MoELayer
@@ -51,7 +52,8 @@ class SplitOptions:
     method: str = DEFAULT_METHOD
     target: str | None = None
     pad_to: int = 1
-    dense_layers: list[int] = field(default_factory=list)
+    # Layer indices kept dense, or "auto" / "auto:N": chosen by a screening pass (moeify.split.dense_auto).
+    dense_layers: list[int] | str = field(default_factory=list)
     router_logit_std: float = 1e-5
     calibration: str | None = None
     calibration_tokens: int = 16384  # 4096 -> 16384: held-out geomean 2.47x -> 2.03x at 50% (docs/quality.md)
@@ -137,9 +139,13 @@ def validate_options(options: SplitOptions, intermediate: int, layers: int) -> N
         raise UsageError(f"router_logit_std must be in (0, 1], got {o.router_logit_std}", "the default is 1e-5")
     if o.dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {o.dtype!r}", f"choose one of: {', '.join(DTYPES)}")
-    bad = [i for i in o.dense_layers if not 0 <= i < layers]
-    if bad:
-        raise UsageError(f"--dense-layers {bad} are outside 0..{layers - 1}", "give layer indices of this model")
+    dense = dense_auto.parse_dense_layers(o.dense_layers)
+    if isinstance(dense, dense_auto.DenseRequest):
+        dense_auto.check_request(dense, layers, None)  # the budget is checked on the unresolved options
+    else:
+        bad = [i for i in dense if not 0 <= i < layers]
+        if bad:
+            raise UsageError(f"--dense-layers {bad} are outside 0..{layers - 1}", "give layer indices of this model")
     if o.calibration_tokens < 1:
         raise UsageError("--calibration-tokens must be positive", "e.g. --calibration-tokens 4096")
     check_device_name(o.device)
@@ -177,13 +183,40 @@ def plan_target(config: dict[str, Any], options: SplitOptions) -> tuple[TargetAr
     family = source_family(config)
     inter, layers = config["intermediate_size"], config["num_hidden_layers"]
     if None in (options.experts, options.top_k, options.shared):  # plan_split passes them resolved already
+        _check_dense_request(options, layers)
         options, _ = resolve_layout(options, inter)
     validate_options(options, inter, layers)
     target = target_arch(family.choose_target(options.shared, options.target))
     size = expert_size_for(inter, options.experts, options.shared, options.pad_to)
-    tplan = TargetPlan(options.experts, options.top_k, options.shared, size, sorted(set(options.dense_layers)))
+    dense = dense_auto.parse_dense_layers(options.dense_layers)
+    if isinstance(dense, dense_auto.DenseRequest):  # planned without dense layers until the screen has chosen
+        dense_auto.require_dense_target(target)
+        dense_auto.require_screenable(options.method)
+        dense = []
+    tplan = TargetPlan(options.experts, options.top_k, options.shared, size, dense)
     target.check(config, tplan, family)
     return target, tplan
+
+
+def _layout_fixed(options: SplitOptions) -> bool:
+    """True when the user's options fix the MoE layout whatever the ratio (so `auto` cannot re-budget it):
+    --top-k with --shared, or --top-k without --active (a concrete routed layout, honoured as given)."""
+    return options.top_k is not None and (options.shared is not None or options.active is None)
+
+
+def _auto_ratio(options: SplitOptions) -> float | None:
+    """The whole-model ratio `--dense-layers auto` budgets for; None when the layout is fixed by the user."""
+    if _layout_fixed(options):
+        return None
+    return DEFAULT_ACTIVE if options.active is None else options.active
+
+
+def _check_dense_request(options: SplitOptions, layers: int) -> None:
+    """An `auto:N` the budget cannot hold fails with the other option checks, before any work (unresolved
+    options only: they still say whether the user fixed the layout)."""
+    request = dense_auto.dense_request(options.dense_layers)
+    if request is not None:
+        dense_auto.check_request(request, layers, _auto_ratio(options))
 
 
 def plan_split(model: str | Path, options: SplitOptions, reporter: Reporter = SILENT, revision: str | None = None,
@@ -195,6 +228,7 @@ def plan_split(model: str | Path, options: SplitOptions, reporter: Reporter = SI
     reader = CheckpointReader(source.folder)
     check_checkpoint(reader, config)  # config.json against the tensors (headers only), before any option math
     inter, layers = config["intermediate_size"], config["num_hidden_layers"]
+    _check_dense_request(options, layers)
     options, layout_why = resolve_layout(options, inter)
     target, tplan = plan_target(config, options)
 
@@ -278,9 +312,12 @@ def split_model(model: str | Path, output: str | Path, options: SplitOptions | N
     check_device_name(options.device)
     compute = Compute.for_device(resolve_device(options.device))  # an absent GPU fails first, before any output
     plan = plan_split(model, options, reporter, revision, token)
-    options = plan.options
     output = Path(output)
     check_output_path(output, [plan.source.folder], overwrite)
+    dense_choice = None
+    if dense_auto.dense_request(options.dense_layers) is not None:
+        plan, dense_choice = _resolve_dense_auto(plan, options, reporter, compute)
+    options = plan.options
     method = make_method(options.method)
     reporter.note(plan.layout_why)
     if options.shared == 0 and options.top_k < options.experts:
@@ -317,6 +354,7 @@ def split_model(model: str | Path, output: str | Path, options: SplitOptions | N
             "padding_neurons_per_layer": plan.padding,
             "activation_ratio": round(plan.activation_ratio, 6),
             "dense_layers": tplan.dense_layers,
+            **({"dense_layers_auto": dense_choice.record()} if dense_choice is not None else {}),
             "layers": layer_info,
             "method_info": method.finish(),
             "copied_files": side,
@@ -328,6 +366,33 @@ def split_model(model: str | Path, output: str | Path, options: SplitOptions | N
         }
         write_metadata(tmp, "split", summary, moeify_version=__version__)
     return {"output": str(output), **summary}
+
+
+def _resolve_dense_auto(plan: SplitPlan, requested: SplitOptions, reporter: Reporter, compute: Compute
+                        ) -> tuple[SplitPlan, dense_auto.DenseChoice]:
+    """`--dense-layers auto`: screen `plan` (planned with no dense layers), choose the layers, and plan again
+    with them and the MoE layout re-resolved for the ratio they leave (moeify.split.dense_auto)."""
+    request = dense_auto.dense_request(requested.dense_layers)
+    ratio = _auto_ratio(requested)
+    started = time.perf_counter()
+    errors, tokens = dense_auto.screen_layers(plan, plan.options, reporter, compute)
+    choice = dense_auto.choose(errors, request, ratio, tokens, plan.options.method)
+    choice.seconds = time.perf_counter() - started
+    if choice.layers:
+        replanned = replace(requested, dense_layers=choice.layers)
+        if ratio is not None:  # the MoE layers get what the dense ones leave of the budget
+            replanned = replace(replanned, active=choice.moe_ratio)
+        plan = plan_split(plan.source.folder, replanned, source=plan.source)
+    p = plan.target_plan
+    moe = (f"MoE layers: {p.experts} routed (top-{p.top_k}) + {p.shared} shared, "
+           f"{(p.top_k + p.shared) / (p.experts + p.shared):.0%} of their FFN")
+    asked = "" if ratio is None else f" ({'asked' if requested.active is not None else 'default --active'} {ratio:.0%})"
+    total = f"total {plan.activation_ratio:.1%} of the FFN per token{asked}"
+    if ratio is None and choice.layers:
+        total += "; --top-k/--shared fix the MoE layout, so the dense layers add to its share"
+    options = replace(plan.options, active=requested.active, dense_layers=list(p.dense_layers))
+    plan = replace(plan, options=options, layout_why=f"{choice.summary()}; {moe}; {total}")
+    return plan, choice
 
 
 def _stream(plan: SplitPlan, reader: CheckpointReader, family, method, folder: Path, options: SplitOptions,
