@@ -250,3 +250,14 @@ def test_nothing_is_left_behind_by_a_refusal(inputs, tmp_path):
     out = tmp_path / "out"
     assert_clean_failure(cli("quantize", bad, "--fp8", "-o", out), out, contains="num_local_experts = 8")
     assert leftovers(out) == []
+
+
+def test_the_head_dim_table_is_what_transformers_does():
+    """consistency.HEAD_DIM_DERIVED spares planning the transformers import; it must agree with transformers
+    for every model type moeify reads or writes, and name them all."""
+    from moeify.arch import MOE_MODEL_TYPES, SOURCES
+    from moeify.arch.consistency import HEAD_DIM_DERIVED, transformers_derives_head_dim
+
+    handled = {t for f in SOURCES for t in f.model_types} | set(MOE_MODEL_TYPES)
+    assert set(HEAD_DIM_DERIVED) == handled
+    assert {t: transformers_derives_head_dim(t) for t in handled} == HEAD_DIM_DERIVED
