@@ -3,7 +3,8 @@
     python bench/heldout.py [--chunks 4] [--workdir /tmp/moeify-heldout] CONFIG [CONFIG ...]
 
 CONFIG is `name` or `name:key=value,key=value` with SplitOptions fields (experts, top_k, shared,
-refine_steps, calibration_tokens, calibration, stream, down_ridge, active, ...); `default` alone is the split
+refine_steps, calibration_tokens, calibration, stream, down_ridge, active, dense_layers, ...; a list is
+`dense_layers=12;13`, `dense_layers=auto:2` asks the screening pass); `default` alone is the split
 a user gets from `moeify split MODEL`. Each config is split with the real entry point (files written to disk),
 loaded by stock transformers, and scored on two held-out texts that share no passage with the calibration
 text: the shipped Sense and Sensibility excerpt (in domain: the calibration holds Pride and Prejudice) and
@@ -56,6 +57,9 @@ def parse(spec: str) -> tuple[str, dict]:
     kwargs = {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
+        if ";" in value:  # a list of integers: dense_layers=12;13
+            kwargs[key] = [int(v) for v in value.split(";") if v]
+            continue
         for cast in (int, float):
             try:
                 kwargs[key] = cast(value)

@@ -1,7 +1,8 @@
 """Split at scale: peak memory, time against a plain copy, and per-layer time against a layer forward.
 
     python bench/split_bench.py [--shapes 2048x8192 8b] [--methods weights activations] [--layers 4 16]
-                                [--calibration-tokens 512] [--device auto|cpu|cuda] [--workdir DIR] [--keep]
+                                [--calibration-tokens 512] [--refine-steps N] [--device auto|cpu|cuda]
+                                [--workdir DIR] [--keep]
     python bench/split_bench.py --cluster [--device cuda]     # balanced clustering of 14336 neurons only
 
 Writes synthetic random bf16 Llama checkpoints (shape `2048x8192`: hidden 2048, FFN 8192, 16 heads /
@@ -122,7 +123,7 @@ def _heap() -> dict[str, float]:
 
 
 def child_split(src: str, dst: str, method: str, experts: int, top_k: int, shared: int, tokens: int, device: str,
-                trace_path: str) -> None:
+                trace_path: str, refine_steps: int | None = None) -> None:
     """Run one split in this process, recording seconds, RSS and heap after each layer."""
     import torch
 
@@ -145,8 +146,9 @@ def child_split(src: str, dst: str, method: str, experts: int, top_k: int, share
         import moeify.device
 
         moeify.device.trim_heap = lambda: None
+    refine = {} if refine_steps is None else {"refine_steps": refine_steps}
     options = SplitOptions(experts=experts, top_k=top_k, shared=shared, method=method, calibration_tokens=tokens,
-                           device=device)
+                           device=device, **refine)
     result = split_model(src, dst, options, overwrite=True)
     Path(trace_path).write_text(json.dumps({"trace": trace, "timings": result["timings_s"],
                                             "first_layer_start": trace[0]["t"] if trace else None}))
@@ -222,6 +224,9 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--shared", type=int, default=0)
     parser.add_argument("--calibration-tokens", type=int, default=512)
+    parser.add_argument("--refine-steps", type=int, default=None,
+                        help="activations method: refinement steps per layer (default: the split's default; 0 times "
+                             "the closed-form steps alone against their floor)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moeify-bench"))
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints for a rerun")
@@ -239,7 +244,7 @@ def main() -> None:
             write_checkpoint(Path(rest[0]), rest[1], int(rest[2]), Path(rest[3]))
         elif kind == "split":
             child_split(rest[0], rest[1], rest[2], int(rest[3]), int(rest[4]), int(rest[5]), int(rest[6]), rest[7],
-                        rest[8])
+                        rest[8], None if rest[9] == "default" else int(rest[9]))
         elif kind == "floor":
             child_floor(rest[0], int(rest[1]), rest[2], rest[3])
         elif kind == "cluster":
@@ -262,7 +267,8 @@ def main() -> None:
                          text=True).stdout.strip().splitlines()[-1]
     print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.1f}, device: {args.device}, "
           f"experts: {args.experts} top-{args.top_k} + {args.shared} shared, "
-          f"calibration tokens: {args.calibration_tokens}", flush=True)
+          f"calibration tokens: {args.calibration_tokens}, refine steps: "
+          f"{'default' if args.refine_steps is None else args.refine_steps}", flush=True)
     rows = []
     for shape in args.shapes:
         for layers in args.layers:
@@ -279,7 +285,8 @@ def main() -> None:
                 dst = args.workdir / "split"
                 shutil.rmtree(dst, ignore_errors=True)
                 split_s, rss = measure([*me, "split", str(src), str(dst), method, str(args.experts), str(args.top_k),
-                                        str(args.shared), str(args.calibration_tokens), args.device, str(scratch)])
+                                        str(args.shared), str(args.calibration_tokens), args.device, str(scratch),
+                                        "default" if args.refine_steps is None else str(args.refine_steps)])
                 trace = json.loads(scratch.read_text())
                 shutil.rmtree(dst, ignore_errors=True)
                 t = [r["t"] for r in trace["trace"]]

@@ -16,7 +16,14 @@ from moeify.split.moe_layer import FFNWeights, MoELayer, split_by_groups
 
 
 def neuron_features(ffn: FFNWeights, index: torch.Tensor, dims: int = 128, seed: int = 0) -> torch.Tensor:
-    """Each neuron as its normalised gate row, up row and down column, concatenated and randomly projected.
+    """Each neuron as its normalised gate row, up row and down column, concatenated and randomly projected."""
+    return neuron_stats(ffn, index, dims, seed)[0]
+
+
+def neuron_stats(ffn: FFNWeights, index: torch.Tensor, dims: int = 128, seed: int = 0
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The neurons' features (see `neuron_features`) and the float32 norms of their gate row, up row and down
+    column, from one float32 pass over each block (the importance needs the norms the features divide by).
 
     The projection is applied block by block, so the [n, 3*hidden] concatenation (700 MB for a
     Llama-3-8B layer) is never built. The weights may be in their stored dtype (bf16): each block's rows
@@ -31,14 +38,18 @@ def neuron_features(ffn: FFNWeights, index: torch.Tensor, dims: int = 128, seed:
     hidden = ffn.gate.shape[1]
     rows = len(index)
     if 3 * hidden <= dims:
-        return torch.cat([_unit_rows(_rows_f32(b, index, full)) for b in blocks], dim=1)
+        parts = [_rows_f32(b, index, full) for b in blocks]
+        norms = [p.norm(dim=1) for p in parts]
+        return torch.cat([p / n[:, None].clamp_min(1e-12) for p, n in zip(parts, norms, strict=True)], dim=1), norms
     proj = projection_matrix(3 * hidden, dims, seed, device=ffn.gate.device)
     out = torch.zeros(rows, dims, device=ffn.gate.device)
+    norms = []
     for i, b in enumerate(blocks):  # (p / |p|) @ P == (p @ P) / |p|: no normalised copy of the weights
         p = _rows_f32(b, index, full)
-        out += (p @ proj[i * hidden:(i + 1) * hidden]) / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        norms.append(p.norm(dim=1))
+        out += (p @ proj[i * hidden:(i + 1) * hidden]) / norms[-1][:, None].clamp_min(1e-12)
         del p
-    return out
+    return out, norms
 
 
 def _rows_f32(block: torch.Tensor, index: torch.Tensor, full: bool) -> torch.Tensor:
@@ -49,18 +60,6 @@ def _rows_f32(block: torch.Tensor, index: torch.Tensor, full: bool) -> torch.Ten
     """
     block = block.contiguous()  # down.T: one transpose copy, so rows (and their norms) are contiguous
     return (block if full else block.index_select(0, index)).float()
-
-
-def _unit_rows(p: torch.Tensor) -> torch.Tensor:
-    return p / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def _norms_f32(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Float32 norms of a tensor in any dtype (a bf16 norm would round the importance that orders neurons).
-
-    The same values as `t.float().norm(dim=dim)` without a float32 copy of the tensor.
-    """
-    return torch.linalg.vector_norm(t, dim=dim, dtype=torch.float32)
 
 
 def unit_router(centroids: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
@@ -84,17 +83,19 @@ class WeightsMethod(SplitMethod):
     def build(self, layer: int, ffn: FFNWeights) -> MoELayer:
         ctx = self.ctx
         m, experts = ctx.expert_size, ctx.experts
-        # down_proj's columns as the rows of one transpose copy, shared by the importance and the features
-        # (the view `by_rows.down.T` is then contiguous): strided column reductions were 10x slower.
+        # Features and norms of every neuron in stored order, from one float32 pass over each block; down_proj
+        # is passed as a transposed view of one transpose copy, so its columns are contiguous rows there
+        # (strided column reductions were 10x slower). The routed rows are then taken from the small
+        # [n, 128] features: the same rows as gathering the weights first, without gathering the layer.
         by_rows = FFNWeights(ffn.gate, ffn.up, ffn.down.T.contiguous().T)
-        importance = _norms_f32(ffn.gate, 1) * _norms_f32(ffn.up, 1) * _norms_f32(by_rows.down.T, 1)
+        all_feats, (gate_norm, up_norm, down_norm) = neuron_stats(
+            by_rows, torch.arange(ffn.size, device=ffn.gate.device), seed=ctx.seed)
+        del by_rows
+        importance = gate_norm * up_norm * down_norm
         n_shared = min(ctx.shared * m, ffn.size - experts)  # leave at least one neuron per routed expert
         order = torch.argsort(importance, descending=True)
         shared_idx, routed_idx = order[:n_shared], order[n_shared:]
-        # Features of every neuron in stored order, then the routed rows of that small [n, 128] matrix:
-        # the same rows as gathering the weights first, without three gathers of the whole layer.
-        feats = neuron_features(by_rows, torch.arange(ffn.size, device=routed_idx.device), seed=ctx.seed)[routed_idx]
-        del by_rows
+        feats = all_feats[routed_idx]
         labels = balanced_kmeans(feats, experts, capacity=m, seed=ctx.seed + layer)
         # Each expert's neurons in stored order: the order inside an expert does not change what it computes,
         # and ascending indices make the down_proj column gather read memory in order (5x faster on a CPU
@@ -102,7 +103,7 @@ class WeightsMethod(SplitMethod):
         groups = [routed_idx[torch.from_numpy(np.flatnonzero(labels == e))].sort().values for e in range(experts)]
         shared_idx = shared_idx.sort().values
         zero = torch.zeros(ffn.gate.shape[1], device=ffn.gate.device)
-        centroids = torch.stack([ffn.gate[g].float().mean(0) if len(g) else zero for g in groups])
+        centroids = torch.stack([ffn.gate[g].mean(0, dtype=torch.float32) if len(g) else zero for g in groups])
         norm_name = ctx.family.ffn_norm_name(layer)
         gamma = ctx.reader.get(norm_name) if norm_name in ctx.reader else None
         return split_by_groups(ffn, shared_idx, groups, m, ctx.shared * m, unit_router(centroids, gamma))
