@@ -11,11 +11,11 @@ def require_finite(name: str, tensor: torch.Tensor, chunk: int = 1 << 20) -> Non
     """Raise InputError when `tensor` holds NaN or inf.
 
     The common case is one `aminmax` pass (NaN propagates into both results and an inf lands on one of
-    them): a vectorised read of the tensor in its own dtype, ~13x cheaper than the float64 sum it
-    replaced, which cost 1.8 s of a 2-layer 2048x8192 split; it allocates nothing of the tensor's size.
-    float8, which has no aminmax kernel, is checked in float32 slices. Only a failing tensor is scanned
-    in slices to say what it holds (a whole-tensor `isfinite` mask cost +140 MB peak RSS on SmolLM2's
-    embedding).
+    them): a vectorised read of the tensor in its own dtype, 0.8 ms on an 8192x2048 bf16 matrix against
+    55 ms for the float64 sum it replaced (which cost 1.8 s of a 2-layer 2048x8192 split); it allocates
+    nothing of the tensor's size. float8, which has no aminmax kernel, is checked in float32 slices. Only a
+    failing tensor is scanned in slices to say what it holds (a whole-tensor `isfinite` mask cost +140 MB
+    peak RSS on SmolLM2's embedding).
     """
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return

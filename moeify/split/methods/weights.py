@@ -98,7 +98,7 @@ class WeightsMethod(SplitMethod):
         feats = all_feats[routed_idx]
         labels = balanced_kmeans(feats, experts, capacity=m, seed=ctx.seed + layer)
         # Each expert's neurons in stored order: the order inside an expert does not change what it computes,
-        # and ascending indices make the down_proj column gather read memory in order (5x faster on a CPU
+        # and ascending indices make the down_proj column gather read memory in order (2.5x faster on a CPU
         # at Llama-3-8B width; docs/benchmarks.md).
         groups = [routed_idx[torch.from_numpy(np.flatnonzero(labels == e))].sort().values for e in range(experts)]
         shared_idx = shared_idx.sort().values
