@@ -38,9 +38,13 @@ def moe_output(moe: MoELayer, x: torch.Tensor, choices: torch.Tensor, feats: tor
 
     `feats` may pass the joined activations (see `joined_activations`) when they are already known.
     """
-    joined, sizes = neuron_blocks(moe)
-    feats = ffn_activations(joined, x) if feats is None else feats
-    return (feats * active_mask(choices, sizes, len(moe.experts))) @ joined.down.T
+    if feats is None:
+        joined, sizes = neuron_blocks(moe)
+        feats, down = ffn_activations(joined, x), joined.down
+    else:  # only the down projections are needed: joining gate and up too copied the layer twice more per call
+        blocks = list(moe.experts) + ([moe.shared] if moe.shared is not None else [])
+        sizes, down = [b.size for b in blocks], torch.cat([b.down for b in blocks], dim=1)
+    return (feats * active_mask(choices, sizes, len(moe.experts))) @ down.T
 
 
 def joined_activations(acts: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
