@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--eval-chunks", type=int, default=8)
     ap.add_argument("--work", type=Path, default=Path("/tmp/moeify-cluster-ab"))
     args = ap.parse_args()
-    from bench.split_bench import smollm2_folder
+    from bench._models import smollm2_folder
     from moeify.evaluate import EvalOptions, evaluate_model
     from moeify.split.convert import SplitOptions, split_model
     from moeify.split.methods import activations

@@ -2,13 +2,12 @@
 
     python bench/quality.py screen            # layer-level screening of method variants (held-out error)
     python bench/quality.py grid              # perplexity grid (in domain and out of domain), JSON lines
-    python bench/quality.py check             # one config through `moeify split` + `moeify eval` (stock loading)
 
 Calibration: Pride and Prejudice (../shared/data). Evaluation: Sense and Sensibility (in domain) and the
 Wikipedia sample (out of domain), a few 512-token chunks each (the 2 CPU cores are shared). To keep the grid
 affordable, split layers are evaluated in process: the dense transformers model with each FFN replaced by
 the MoELayer the method built (router routing, or the oracle: the experts whose true outputs are largest).
-`check` confirms that in-process numbers equal the written checkpoint loaded by stock transformers.
+bench/heldout.py scores real written splits loaded by stock transformers instead.
 """
 
 from __future__ import annotations
