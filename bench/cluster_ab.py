@@ -1,6 +1,6 @@
 """The torch balanced k-means against the scikit-learn one it replaced, on SmolLM2, in one process and tree.
 
-    flock /tmp/moeify-heavy.lock python bench/cluster_ab.py [--seeds 0 1] [--config 24x8x8]
+    python bench/cluster_ab.py [--seeds 0 1] [--config 24x8x8] [--calibration-tokens N] [--refine-steps N]
 
 For each seed it splits SmolLM2-135M with the default (activations, compensated) method twice, once with
 each clustering, and prints the mean per-layer errors moeify.json records and the held-out perplexity
@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--config", default="24x8x8", help="ROUTEDxTOPKxSHARED")
     ap.add_argument("--eval-chunks", type=int, default=8)
+    ap.add_argument("--calibration-tokens", type=int, default=None, help="default: the split's (16384)")
+    ap.add_argument("--refine-steps", type=int, default=None, help="default: the split's (100)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/moeify-cluster-ab"))
     args = ap.parse_args()
     from bench._models import smollm2_folder
@@ -57,8 +59,10 @@ def main() -> None:
             activations.balanced_kmeans = _via(impl)
             out = args.work / f"{name}-{seed}"
             start = time.perf_counter()
+            cheap = {k: v for k, v in (("calibration_tokens", args.calibration_tokens),
+                                       ("refine_steps", args.refine_steps)) if v is not None}
             r = split_model(dense, out, SplitOptions(experts=experts, top_k=top_k, shared=shared, seed=seed,
-                                                     device="cpu"), overwrite=True)
+                                                     device="cpu", **cheap), overwrite=True)
             seconds = time.perf_counter() - start
             ppl = evaluate_model(out, EvalOptions(max_chunks=args.eval_chunks, device="cpu"))["perplexity"]
             info = r["method_info"]
