@@ -19,15 +19,18 @@ def require_finite(name: str, tensor: torch.Tensor, chunk: int = 1 << 20) -> Non
     """
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return
-    if tensor.element_size() > 1:
-        low, high = torch.aminmax(tensor)
-        if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
-            return
-    flat = tensor.reshape(-1)  # a copy only for a non-contiguous view, and only on the slow path
-    if tensor.element_size() == 1 and all(bool(torch.isfinite(p.float()).all()) for p in flat.split(chunk)):
-        return  # float8: no aminmax kernel
+    if _all_finite(tensor, chunk):
+        return
+    flat = tensor.reshape(-1)
     nan = sum(int(torch.isnan(p.float()).sum()) for p in flat.split(chunk))
     inf = sum(int(torch.isinf(p.float()).sum()) for p in flat.split(chunk))
     what = "NaN" if nan else "inf"
     raise InputError(f"tensor {name!r} contains {what} values ({nan + inf} of {tensor.numel()})",
                      "the checkpoint is corrupt or diverged in training; fix or re-export it first")
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int) -> bool:
+    if tensor.element_size() == 1:  # float8: no aminmax kernel
+        return all(bool(torch.isfinite(p.float()).all()) for p in tensor.reshape(-1).split(chunk))
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))

@@ -230,6 +230,7 @@ def screen_layers(plan: SplitPlan, options: SplitOptions, reporter: Reporter, co
     from moeify.arch import source_family
     from moeify.data import TOKENIZER_FILES
     from moeify.io.reader import CheckpointReader
+    from moeify.split.convert import method_settings
     from moeify.split.methods import SplitContext, make_method
     from moeify.split.moe_layer import FFNWeights
 
@@ -240,11 +241,7 @@ def screen_layers(plan: SplitPlan, options: SplitOptions, reporter: Reporter, co
         raise UsageError("--dense-layers auto ranks layers by their calibration error, and the model folder has "
                          "no tokenizer to calibrate with", "copy the tokenizer files in, or list the layers")
     tokens = min(SCREEN_TOKENS, options.calibration_tokens)
-    settings = {name: getattr(options, name) for name in method.settings}
-    if "refine_steps" in settings:
-        settings["refine_steps"] = 0
-    if "stream" in settings:
-        settings["stream"] = SCREEN_STREAM
+    settings = {**method_settings(options), "refine_steps": 0, "stream": SCREEN_STREAM}
     tplan = plan.target_plan
     family = source_family(plan.config)
     reader = CheckpointReader(folder)

@@ -15,9 +15,14 @@ from moeify.split.calibrate import ffn_activations
 from moeify.split.moe_layer import FFNWeights, MoELayer
 
 
+def _blocks(moe: MoELayer) -> list[FFNWeights]:
+    """The layer's experts in order, then the shared block: the neuron order of every joined view."""
+    return list(moe.experts) + ([moe.shared] if moe.shared is not None else [])
+
+
 def neuron_blocks(moe: MoELayer) -> tuple[FFNWeights, list[int]]:
     """All neurons of the layer as one block (experts in order, then shared) and each expert's size."""
-    blocks = list(moe.experts) + ([moe.shared] if moe.shared is not None else [])
+    blocks = _blocks(moe)
     joined = FFNWeights(torch.cat([b.gate for b in blocks]), torch.cat([b.up for b in blocks]),
                         torch.cat([b.down for b in blocks], dim=1))
     return joined, [b.size for b in blocks]
@@ -42,7 +47,7 @@ def moe_output(moe: MoELayer, x: torch.Tensor, choices: torch.Tensor, feats: tor
         joined, sizes = neuron_blocks(moe)
         feats, down = ffn_activations(joined, x), joined.down
     else:  # only the down projections are needed: joining gate and up too copied the layer twice more per call
-        blocks = list(moe.experts) + ([moe.shared] if moe.shared is not None else [])
+        blocks = _blocks(moe)
         sizes, down = [b.size for b in blocks], torch.cat([b.down for b in blocks], dim=1)
     return (feats * active_mask(choices, sizes, len(moe.experts))) @ down.T
 
