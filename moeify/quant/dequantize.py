@@ -122,7 +122,7 @@ def dequantize_checkpoint(input_dir: str | Path, output: str | Path, overwrite: 
         out_config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
         copy_side_files(input_dir, tmp)
-        write_metadata(tmp, "dequantize", {"source": str(input_dir.resolve()), "from_scheme": scheme,
+        write_metadata(tmp, "dequantize", {"source": input_dir.resolve().name, "from_scheme": scheme,
                                            "dequantized_tensors": len(pairs), "dtype": "bfloat16"}, previous)
     return DequantizeResult(output, scheme, len(pairs), len(specs) - len(pairs), sum(s.nbytes for s in specs))
 

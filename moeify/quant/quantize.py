@@ -152,7 +152,7 @@ def quantize_fp8(input_dir: str | Path, output: str | Path, scheme: str = "auto"
         if verify:
             report = verify_output(reader, tmp, plan, reporter)
         record = {
-            "source": str(input_dir.resolve()),
+            "source": input_dir.resolve().name,  # a folder name, not a path of this machine
             "format": "fp8_e4m3",
             "scheme": plan.scheme,
             "scheme_reason": plan.scheme_reason,
