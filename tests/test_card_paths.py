@@ -37,3 +37,30 @@ def test_public_text_keeps_hub_ids_and_urls():
     kept = "see https://huggingface.co/org/name, `vllm serve org/name`, 1/2 and a / b"
     assert public_text(kept) == kept
     assert public_text("model: /tmp/x/y.gguf; out ~/runs/moe") == "model: y.gguf; out moe"
+
+
+def test_push_uploads_moeify_json_without_local_paths_and_keeps_the_local_record(tmp_path):
+    """The local moeify.json keeps its paths (finetune reads the split's source back); the uploaded copy not."""
+    from moeify.metadata import METADATA_NAME
+    from moeify.publish.hub import PushFile, _public_metadata
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    split = {"source": {"kind": "gguf", "id": VENV_GGUF, "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+             "options": {"experts": 48, "calibration": "/home/ann/texts/calib.txt", "sizes": [1, 2]},
+             "recipe": {"model": "HuggingFaceTB/SmolLM2-135M", "output": "C:\\Users\\ann\\runs\\demo"}}
+    write_metadata(folder, "split", split)
+    write_metadata(folder, "quantize", {"source": "split", "scheme": "channel"}, read_metadata(folder))
+    local = (folder / METADATA_NAME).read_bytes()
+
+    sent = _public_metadata(PushFile(METADATA_NAME, len(local), local=folder / METADATA_NAME))
+    assert sent.local is None and sent.size == len(sent.content)
+    text = sent.content.decode()
+    assert "/home/ann" not in text and "site-packages" not in text and "Users" not in text, text
+    record = json.loads(text)["stages"]
+    assert record["split"]["source"]["id"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert {k: record["split"]["options"][k] for k in ("experts", "calibration", "sizes")} == {
+        "experts": 48, "calibration": "calib.txt", "sizes": [1, 2]}
+    assert record["split"]["recipe"] == {"model": "HuggingFaceTB/SmolLM2-135M", "output": "demo"}, record  # id kept
+    assert record["quantize"]["scheme"] == "channel"
+    assert (folder / METADATA_NAME).read_bytes() == local  # push never rewrites the local record

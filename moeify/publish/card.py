@@ -116,6 +116,22 @@ def public_text(text: str) -> str:
     text guards them all, including keys a later moeify adds. Hub ids (`org/name`) and URLs are kept.
     """
     return _LOCAL_PATH.sub(lambda m: re.split(r"[\\/]", m.group(0).rstrip("/\\"))[-1] or "(local path)", text)
+
+
+def public_record(value: Any) -> Any:
+    """`value` (a parsed moeify.json) with `public_text` applied to every string, keys included.
+
+    The folder's moeify.json keeps absolute paths on purpose (finetune reads the split's source back from
+    it); the copy a push uploads is public, so it gets the card's scrubbing, string by string, which also
+    catches Windows paths that JSON escaping would hide from a pass over the raw text.
+    """
+    if isinstance(value, str):
+        return public_text(value)
+    if isinstance(value, dict):
+        return {public_text(str(k)): public_record(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [public_record(v) for v in value]
+    return value
     return None
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ from moeify.arch.consistency import check_checkpoint
 from moeify.errors import HubError, InputError, UsageError
 from moeify.io.output import LOCK_SUFFIX, TMP_PREFIX, writer_pid
 from moeify.io.reader import INDEX_NAME, CheckpointReader, load_json
+from moeify.metadata import METADATA_NAME
 from moeify.progress import SILENT, Reporter
 
 T = TypeVar("T")
@@ -51,7 +53,7 @@ class PushFile:
 
     path: str
     size: int
-    local: Path | None = None  # None for the generated card, whose bytes are in `content`
+    local: Path | None = None  # None for generated files (the card, the scrubbed moeify.json): see `content`
     content: bytes | None = None
 
 
@@ -159,6 +161,7 @@ def plan_push(folder: str | Path, repo_id: str, overwrite_card: bool = False,
     folder = Path(folder)
     check_repo_id(repo_id)
     files, skipped = validate_folder(folder, reporter)
+    files = [_public_metadata(f) if f.path == METADATA_NAME else f for f in files]
     existing = next((f for f in files if f.path == CARD_NAME), None)
     text = existing.local.read_text(encoding="utf-8", errors="replace") if existing else ""  # type: ignore
     if text.strip() and not overwrite_card:
@@ -169,6 +172,16 @@ def plan_push(folder: str | Path, repo_id: str, overwrite_card: bool = False,
     files = [f for f in files if f.path != CARD_NAME] + [PushFile(CARD_NAME, len(data), content=data)]
     files.sort(key=lambda f: f.path)
     return PushPlan(folder, repo_id, files, card, "overwritten" if text.strip() else "generated", skipped)
+
+
+def _public_metadata(file: PushFile) -> PushFile:
+    """The moeify.json to upload: the folder's record with local paths scrubbed (the local file is kept)."""
+    from moeify.publish.card import public_record
+
+    assert file.local is not None
+    data = load_json(file.local, METADATA_NAME)
+    content = (json.dumps(public_record(data), indent=2, default=str) + "\n").encode("utf-8")
+    return PushFile(file.path, len(content), content=content)
 
 
 def resolve_endpoint() -> str:
