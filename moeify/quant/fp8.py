@@ -44,24 +44,37 @@ def _amax_to_scale(amax: torch.Tensor) -> torch.Tensor:
 
 def quantize(weight: torch.Tensor, scheme: Scheme, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize one [out, in] matrix; returns (fp8 values, float32 scales of `scale_shape(scheme, ...)`)."""
+    w = _checked_float(weight, name)
+    scale, full = scales(w, scheme)
+    return round_to_fp8(w, full), scale
+
+
+def scales(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored scales, the scale of every element [out, in] or broadcastable to it) for a float32 matrix."""
+    out_features, in_features = w.shape
+    if scheme == "block":
+        scale = _amax_to_scale(_block_amax(w))
+        return scale.contiguous(), _expand_blocks(scale, out_features, in_features)
+    if scheme == "channel":
+        scale = _amax_to_scale(w.abs().amax(dim=1, keepdim=True))
+    elif scheme == "tensor":
+        scale = _amax_to_scale(w.abs().amax().reshape(1))
+    else:
+        raise ValueError(f"unknown scheme {scheme!r}")
+    return scale.contiguous(), scale
+
+
+def round_to_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Nearest e4m3 value of w / scale (saturating: a value past the largest finite one is clamped)."""
+    return (w / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _checked_float(weight: torch.Tensor, name: str) -> torch.Tensor:
     if weight.ndim != 2:
         raise ValueError(f"{name}: expected a matrix, got shape {tuple(weight.shape)}")
     w = weight.to(torch.float32)
     check_finite(name, w)
-    out_features, in_features = w.shape
-    if scheme == "block":
-        scale = _amax_to_scale(_block_amax(w))
-        full = _expand_blocks(scale, out_features, in_features)
-    elif scheme == "channel":
-        scale = _amax_to_scale(w.abs().amax(dim=1, keepdim=True))
-        full = scale
-    elif scheme == "tensor":
-        scale = _amax_to_scale(w.abs().amax().reshape(1))
-        full = scale
-    else:
-        raise ValueError(f"unknown scheme {scheme!r}")
-    q = (w / full).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, scale.contiguous()
+    return w
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, scheme: Scheme, block: int = BLOCK) -> torch.Tensor:
