@@ -283,7 +283,7 @@ def analytic(folder: Path) -> dict:
 def default_vllm_python() -> str:
     if os.environ.get("VLLM_PYTHON"):
         return os.environ["VLLM_PYTHON"]
-    venv = Path("/work/vllm-venv/bin/python")
+    venv = Path("/work/venvs/vllm/bin/python")  # where docs/interop.md installs it
     return str(venv) if venv.exists() else sys.executable
 
 
@@ -293,7 +293,7 @@ def main() -> None:
     ap.add_argument("--method", default="weights", help="split method (the table uses the default, activations)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/moeify-serve-bench"))
     ap.add_argument("--vllm-python", default=default_vllm_python(),
-                    help="python of a venv with vLLM ($VLLM_PYTHON, else /work/vllm-venv, else this python)")
+                    help="python of a venv with vLLM ($VLLM_PYTHON, else /work/venvs/vllm, else this python)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--fp8", action="store_true", help="also serve moeify quantize --fp8 outputs of every split")
     ap.add_argument("--repeats", type=int, default=3)
