@@ -17,8 +17,10 @@ nearly collinear), and the damping below keeps its Cholesky factor defined.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from moeify.quant.fp8 import FP8_DTYPE, Scheme, _checked_float, round_to_fp8, scales
+from moeify.quant.fp8 import FP8_DTYPE, Scheme, checked_matrix, round_to_fp8, scales
+from moeify.quant.plan import classify
 
 DEFAULT_DAMP = 0.01  # relative to H's mean diagonal; GPTQ's default
 COLUMN_BLOCK = 128  # columns updated together (lazy batch updates: same result, fewer passes over W)
@@ -32,7 +34,7 @@ def compensated_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: Sc
     Columns are taken in decreasing order of H's diagonal (GPTQ's act-order): the inputs with the most
     energy are rounded first, while there are the most columns left to absorb their error.
     """
-    w = _checked_float(weight, name)
+    w = checked_matrix(weight, name)
     stored, full = scales(w, scheme)
     out_features, in_features = w.shape
     if hessian.shape != (in_features, in_features):
@@ -89,3 +91,48 @@ def add_second_moments(acc: torch.Tensor | None, x: torch.Tensor, weight: torch.
         x = x * weight.reshape(-1, 1).to(torch.float64)
     h = x.T @ x
     return h if acc is None else acc.add_(h)
+
+
+@torch.no_grad()
+def input_second_moments(model, calib: torch.Tensor) -> dict[str, torch.Tensor]:
+    """X^T X of the inputs of every projection the default plan quantizes, over the calibration chunks.
+
+    Keys: the parameter name for 2-D weights; `{fused name}.{expert}` for the fused expert tensors, where
+    each expert's rows are only the tokens routed to it, weighted by their routing weights (an expert's
+    error reaches the layer output scaled by them). gate and up share one input, so one matrix each.
+    """
+    moments: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def linear_hook(name: str):
+        def hook(module, args):
+            moments[name] = add_second_moments(moments.get(name), args[0])
+        return hook
+
+    def experts_hook(name: str):
+        def hook(module, args):
+            x, index, weights = args[:3]
+            for e in range(module.num_experts):
+                slot, token = torch.where((index == e).T)
+                if not len(token):
+                    continue
+                xe, we = x[token], weights[token, slot]
+                key = f"{name}.gate_up_proj.{e}"
+                moments[key] = add_second_moments(moments.get(key), xe, we)
+                gate, up = F.linear(xe, module.gate_up_proj[e]).chunk(2, dim=-1)
+                key = f"{name}.down_proj.{e}"
+                moments[key] = add_second_moments(moments.get(key), module.act_fn(gate) * up, we)
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and classify(f"{name}.weight") in ("attention", "shared_expert", "mlp"):
+            hooks.append(module.register_forward_pre_hook(linear_hook(f"{name}.weight")))
+        elif hasattr(module, "gate_up_proj") and hasattr(module, "num_experts"):
+            hooks.append(module.register_forward_pre_hook(experts_hook(name)))
+    try:
+        for row in calib:
+            model(row[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return moments

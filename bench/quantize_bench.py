@@ -220,7 +220,7 @@ def sensitivity(f32: Path, work: Path, chunks_n: int | None, seq_len: int, calib
     """
     import math
 
-    from bench.fp8_compensate import add_second_moments, compensated_quantize
+    from bench.fp8_compensate import compensated_quantize, input_second_moments
     from moeify.data import load_text, load_tokenizer, packaged_text, tokenize_chunks
     from moeify.evaluate import load_model
     from moeify.quant.fp8 import dequantize, quantize
@@ -240,9 +240,9 @@ def sensitivity(f32: Path, work: Path, chunks_n: int | None, seq_len: int, calib
     @torch.no_grad()
     def score() -> dict[str, dict[str, float]]:
         out = {}
-        for name, rows in chunks.items():
+        for name, sequences in chunks.items():
             nll, kl, count = [], 0.0, 0
-            for i, row in enumerate(rows):
+            for i, row in enumerate(sequences):
                 lp = torch.log_softmax(model(row[None]).logits[0, :-1].float(), dim=-1)
                 nll.append(-lp.gather(1, row[1:, None]).sum().item())
                 count += row.numel() - 1
@@ -284,6 +284,7 @@ def sensitivity(f32: Path, work: Path, chunks_n: int | None, seq_len: int, calib
             return fp8(w, scheme, hessians[name] if compensated else None)
         # transformers 5 fuses experts in memory ([E, 2I, H] gate_up, [E, H, I] down); the files hold one
         # matrix per expert and projection, which is what gets quantized, so round each of those alone.
+        # An expert no calibration token reached has no moments and gets nearest rounding.
         halves = 2 if name.endswith("gate_up_proj") else 1
         return torch.stack([torch.cat([fp8(part, scheme, hessians.get(f"{name}.{e}") if compensated else None)
                                        for part in m.chunk(halves, dim=0)]) for e, m in enumerate(w)])
@@ -322,7 +323,7 @@ def sensitivity(f32: Path, work: Path, chunks_n: int | None, seq_len: int, calib
         if compensated and not hessians:
             start = time.perf_counter()
             calib = tokenize_chunks(tok, load_text(None), seq_len, max_tokens=calib_tokens, spread=True)
-            hessians.update(_input_moments(model, calib, add_second_moments))
+            hessians.update(input_second_moments(model, calib))
             out["hessian_seconds"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
         result = run(names, scheme, compensated)
@@ -331,53 +332,6 @@ def sensitivity(f32: Path, work: Path, chunks_n: int | None, seq_len: int, calib
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
     return out
-
-
-@torch.no_grad()
-def _input_moments(model, calib: torch.Tensor, add) -> dict[str, torch.Tensor]:
-    """X^T X of the inputs of every projection the default plan quantizes, over the calibration chunks.
-
-    Keys: the parameter name for 2-D weights; `{fused name}.{expert}` for the fused expert tensors, where
-    each expert's rows are only the tokens routed to it, weighted by their routing weights (an expert's
-    error reaches the layer output scaled by them). gate and up share one input, so one matrix each.
-    """
-    import torch.nn.functional as F
-
-    moments: dict[str, torch.Tensor] = {}
-    hooks = []
-
-    def linear_hook(name: str):
-        def hook(module, args):
-            moments[name] = add(moments.get(name), args[0])
-        return hook
-
-    def experts_hook(name: str):
-        def hook(module, args):
-            x, index, weights = args[:3]
-            for e in range(module.num_experts):
-                slot, token = torch.where((index == e).T)
-                if not len(token):
-                    continue
-                xe, we = x[token], weights[token, slot]
-                key = f"{name}.gate_up_proj.{e}"
-                moments[key] = add(moments.get(key), xe, we)
-                gate, up = F.linear(xe, module.gate_up_proj[e]).chunk(2, dim=-1)
-                key = f"{name}.down_proj.{e}"
-                moments[key] = add(moments.get(key), module.act_fn(gate) * up, we)
-        return hook
-
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and classify(f"{name}.weight") in ("attention", "shared_expert", "mlp"):
-            hooks.append(module.register_forward_pre_hook(linear_hook(f"{name}.weight")))
-        elif hasattr(module, "gate_up_proj") and hasattr(module, "num_experts"):
-            hooks.append(module.register_forward_pre_hook(experts_hook(name)))
-    try:
-        for row in calib:
-            model(row[None])
-    finally:
-        for h in hooks:
-            h.remove()
-    return moments
 
 
 def warm(folder: Path) -> None:

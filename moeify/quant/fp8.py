@@ -44,7 +44,7 @@ def _amax_to_scale(amax: torch.Tensor) -> torch.Tensor:
 
 def quantize(weight: torch.Tensor, scheme: Scheme, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize one [out, in] matrix; returns (fp8 values, float32 scales of `scale_shape(scheme, ...)`)."""
-    w = _checked_float(weight, name)
+    w = checked_matrix(weight, name)
     scale, full = scales(w, scheme)
     return round_to_fp8(w, full), scale
 
@@ -69,7 +69,8 @@ def round_to_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (w / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def _checked_float(weight: torch.Tensor, name: str) -> torch.Tensor:
+def checked_matrix(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """`weight` as float32, refused unless it is a finite 2-D matrix: every rounding path starts here."""
     if weight.ndim != 2:
         raise ValueError(f"{name}: expected a matrix, got shape {tuple(weight.shape)}")
     w = weight.to(torch.float32)
