@@ -165,3 +165,27 @@ def test_compensation_starts_from_the_dense_target(tiny_models, tmp_path):
         runs[stream] = split_model(folder, tmp_path / f"moe-{stream}", options)["layers"]
     assert runs["dense"][0]["error_after_repair"] == runs["compensate"][0]["error_after_repair"]
     assert runs["dense"][1]["error_before_repair"] != runs["compensate"][1]["error_before_repair"]
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_errors_from_kept_expert_outputs_equal_the_recomputed_ones(monkeypatch, shared):
+    """The errors before repair come from the experts' outputs kept at the probe tokens when they fit;
+    they are the same numbers (to the 5 decimals moeify.json keeps, float32 order aside) as recomputing
+    the MoE output, the route taken when they do not fit."""
+    import moeify.split.methods.activations as activations
+
+    ffn, x, _, _ = _planted()
+    kept = _method(experts=4, shared=shared, size=8, top_k=2).split_layer(0, ffn, x)[2]
+    monkeypatch.setattr(activations, "PROBE_OUTPUT_BYTES", 0)
+    recomputed = _method(experts=4, shared=shared, size=8, top_k=2).split_layer(0, ffn, x)[2]
+    for key in ("error_oracle", "error_before_repair", "error_after_repair"):
+        assert kept[key] == pytest.approx(recomputed[key], abs=2e-5), key
+    assert kept["error_after_repair"] <= kept["error_before_repair"] + 1e-6
+
+
+def test_column_norms_match_a_float64_reference():
+    from moeify.split.methods.activations import column_norms
+
+    down = torch.randn(300, 70, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    want = down.double().norm(dim=0)
+    torch.testing.assert_close(column_norms(down, rows=64).double(), want, rtol=1e-6, atol=0)

@@ -172,16 +172,20 @@ def _check_entry(path: Path, name: str, entry: object, data_len: int) -> None:
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor's bytes into a fresh, writable tensor (no mmap, so RSS is exactly what we hold)."""
-    buf = bytearray(info.nbytes)
-    with open(info.file, "rb") as f:
-        f.seek(info.start)
-        got = f.readinto(buf)
-    if got != info.nbytes:
-        raise InputError(f"{info.file}: tensor {info.name!r} is truncated", "re-download the file")
+    """Read one tensor's bytes into a fresh, writable tensor (no mmap, so RSS is exactly what we hold).
+
+    The buffer is `torch.empty`, not a `bytearray`: the latter zero-fills every byte before the read
+    overwrites it, a whole extra pass over each layer (0.08 s per 117 MB matrix on the 2-core machine).
+    """
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.dtype)
-    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    with open(info.file, "rb") as f:
+        f.seek(info.start)
+        got = f.readinto(buf.numpy())
+    if got != info.nbytes:
+        raise InputError(f"{info.file}: tensor {info.name!r} is truncated", "re-download the file")
+    return buf.view(info.dtype).reshape(info.shape)
 
 
 def encode_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]],

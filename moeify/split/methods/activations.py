@@ -35,17 +35,28 @@ PATTERN_TOKENS = 2048  # tokens whose activation pattern describes a neuron for 
 ERROR_TOKENS = 2048  # calibration tokens on which the per-layer errors reported in moeify.json are measured
 
 
-def pattern_features(acts: torch.Tensor, down: torch.Tensor, tokens: int = PATTERN_TOKENS, seed: int = 0
+def pattern_features(acts: torch.Tensor, down_norms: torch.Tensor, tokens: int = PATTERN_TOKENS, seed: int = 0
                      ) -> torch.Tensor:
     """Each neuron as its unit-norm contribution pattern |a_j(t)| x |d_j| over a token sample ([n, tokens]).
 
+    Takes the down columns' norms (`column_norms(down)`), not down itself: gathering a layer's down
+    columns to take their norms cost more than the clustering (0.07 s + 0.05 s a 2048x8192 layer).
     Stays on the activations' device: the clustering runs there too.
     """
     g = torch.Generator().manual_seed(seed)
     rows = torch.randperm(acts.shape[0], generator=g)[:tokens]
-    pattern = (acts[rows].abs() * down.norm(dim=0)).T
-    pattern = pattern / pattern.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return pattern.float()
+    pattern = acts[rows].abs() * down_norms  # [tokens, n]: the norms below reduce over contiguous rows
+    pattern = pattern / pattern.pow(2).sum(0).sqrt().clamp_min(1e-12)
+    return pattern.T.float()
+
+
+def column_norms(down: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """|d_j| of every column of down ([hidden, n]), summed over row blocks: `down.norm(dim=0)` reduces
+    across rows, a strided pass 2x slower on a CPU, and squaring the whole matrix at once doubles its memory."""
+    total = torch.zeros(down.shape[1], dtype=torch.float32, device=down.device)
+    for block in down.split(rows):
+        total += block.float().pow(2).sum(0)
+    return total.sqrt()
 
 
 STREAMS = ("compensate", "split", "dense")
@@ -72,6 +83,8 @@ class ActivationsMethod(SplitMethod):
     refine_batch = RefineSettings.batch
     chunk_len = 512  # calibration sequence length, set in prepare(): refinement holds out whole sequences
     fallback: SplitMethod | None = None  # set when the model cannot be calibrated (no tokenizer)
+    _split_output: torch.Tensor | None = None  # the split layer's output on x, for the next layer's input
+    _down_norms: torch.Tensor | None = None  # the current layer's |down column|s, while split_layer runs
 
     def prepare(self, ctx: SplitContext) -> None:
         super().prepare(ctx)
@@ -120,10 +133,10 @@ class ActivationsMethod(SplitMethod):
             self.teacher.advance(dense_y)
         moe, y, info = self.split_layer(layer, ffn, x, target)
         if self.stream != "dense" and info.get("routed"):
-            self.runner.advance(moe_output(moe, x, self.choices(moe, x), feats=self._feats))
+            self.runner.advance(self._split_output)
         else:
             self.runner.advance(y)
-        self._feats = None
+        self._split_output = None
         moe.info.update(info)
         self.errors.append({"layer": layer, **info})
         return moe
@@ -132,12 +145,20 @@ class ActivationsMethod(SplitMethod):
         return torch.topk(x @ moe.router.T, self.ctx.top_k, dim=-1).indices
 
     def split_layer(self, layer: int, ffn: FFNWeights, x: torch.Tensor, target: torch.Tensor | None = None
-                    ) -> tuple[MoELayer, torch.Tensor, dict[str, Any]]:
-        """Split one FFN given its inputs x; the repair reproduces `target` (default: the dense FFN's output)."""
+                    ) -> tuple[MoELayer, torch.Tensor | None, dict[str, Any]]:
+        """Split one FFN given its inputs x; the repair reproduces `target` (default: the dense FFN's output).
+
+        Also returns the dense FFN's output on x, or None when `target` is given, the layer is routed and
+        the stream is not the dense one (then nothing reads it).
+        """
         ctx = self.ctx
         m, experts = ctx.expert_size, ctx.experts
         acts = ffn_activations(ffn, x)
-        y = acts @ ffn.down.T
+        self._down_norms = column_norms(ffn.down)  # shared-expert scores and clustering features both use them
+        # The dense output on these inputs: the goal without a target, and the next input where nothing is
+        # routed or the stream is the dense one; the compensated stream has its target and never reads it.
+        needed = target is None or ctx.top_k >= experts or self.stream == "dense"
+        y = acts @ ffn.down.T if needed else None
         goal = y if target is None else target
         shared_idx, routed_idx = self.pick_shared(ffn, acts)
         groups = self.group(ffn, acts, routed_idx, layer)
@@ -145,30 +166,38 @@ class ActivationsMethod(SplitMethod):
         moe = split_by_groups(ffn, shared_idx, groups, m, ctx.shared * m, placeholder)
         if ctx.top_k >= experts:
             moe.router = torch.eye(experts, ffn.gate.shape[1])  # any order: every expert runs
+            self._down_norms = None
             return moe, y, {"routed": False}
         feats = joined_activations(acts, _layout(groups, shared_idx, m, ctx.shared * m))
         del acts
-        norms = torch.stack([feats[:, e * m:(e + 1) * m] @ moe.experts[e].down.T for e in range(experts)],
-                            dim=1).norm(dim=-1)  # [tokens, experts]: each expert's true output norm
+        probe = slice(0, ERROR_TOKENS)  # errors on a sample: the numbers, not the fit, are what this costs
+        norms, at_probe = _expert_output_norms(moe, feats, probe)  # [tokens, experts]: what the oracle ranks by
         moe.router = self.fit_router(x, norms)
         chosen = self.choices(moe, x)
-        probe = slice(0, ERROR_TOKENS)  # errors on a sample: the numbers, not the fit, are what this costs
         oracle = torch.topk(norms[probe], ctx.top_k, dim=-1).indices
         info = {"routed": True,
-                "error_oracle": _err(moe, x[probe], oracle, feats[probe], goal[probe]),
-                "error_before_repair": _err(moe, x[probe], chosen[probe], feats[probe], goal[probe])}
+                "error_oracle": _probe_err(moe, x[probe], oracle, feats[probe], goal[probe], at_probe),
+                "error_before_repair": _probe_err(moe, x[probe], chosen[probe], feats[probe], goal[probe], at_probe)}
+        del at_probe
         if self.repair:
             moe = refit_down(moe, x, goal, chosen, self.down_ridge, feats=feats)
-            info["error_after_repair"] = _err(moe, x[probe], chosen[probe], feats[probe], goal[probe])
-        self._feats = feats  # reused by build() for the split stream
+        # The split stream's next input, computed once: its probe rows give the error after repair too.
+        self._split_output = moe_output(moe, x, chosen, feats=feats)
+        if self.repair:
+            info["error_after_repair"] = round(relative_error(self._split_output[probe], goal[probe]), 5)
         if self.refine_steps > 0:
             settings = RefineSettings(self.refine_steps, self.refine_lr, self.refine_batch)
             moe, refine_info = refine_layer(moe, x, goal, ctx.top_k, settings, self.chunk_len, ctx.seed + layer)
             info.update(refine_info)
-            if refine_info["refined"]:
-                self._feats = None  # gate/up moved: the split stream recomputes the activations
-                info["error_after_refine"] = _err(moe, x[probe], self.choices(moe, x[probe]), None, goal[probe])
+            if refine_info["refined"]:  # gate/up moved: the split stream's output is recomputed
+                self._split_output = moe_output(moe, x, self.choices(moe, x))
+                info["error_after_refine"] = round(relative_error(self._split_output[probe], goal[probe]), 5)
+        self._down_norms = None
         return moe, y, info
+
+    def _column_norms(self, ffn: FFNWeights) -> torch.Tensor:
+        """The down columns' norms split_layer computed for this layer (or computed here, for a direct call)."""
+        return self._down_norms if self._down_norms is not None else column_norms(ffn.down)
 
     def fit_router(self, x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """Least squares from the FFN input to each expert's output norm (bench/quality.py compares others)."""
@@ -178,17 +207,19 @@ class ActivationsMethod(SplitMethod):
         """Shared block = the neurons with the largest mean contribution; the rest are routed."""
         ctx = self.ctx
         n_shared = min(ctx.shared * ctx.expert_size, ffn.size - ctx.experts)
-        score = (acts.abs().mean(0) * ffn.down.norm(dim=0)) if n_shared else torch.zeros(ffn.size)
+        score = (acts.abs().mean(0) * self._column_norms(ffn)) if n_shared else torch.zeros(ffn.size)
         order = torch.argsort(score, descending=True)
-        return order[:n_shared], order[n_shared:]
+        return order[:n_shared].sort().values, order[n_shared:]  # the shared block gathered in order, too
 
     def group(self, ffn: FFNWeights, acts: torch.Tensor, routed: torch.Tensor, layer: int) -> list[torch.Tensor]:
         """Balanced k-means on contribution patterns: neurons that fire on the same tokens share an expert."""
         ctx = self.ctx
-        feats = reduce_features(pattern_features(acts[:, routed], ffn.down[:, routed], seed=ctx.seed + layer),
-                                seed=ctx.seed)
+        patterns = pattern_features(acts[:, routed], self._column_norms(ffn)[routed], seed=ctx.seed + layer)
+        feats = reduce_features(patterns, seed=ctx.seed)
         labels = balanced_kmeans(feats, ctx.experts, capacity=ctx.expert_size, seed=ctx.seed + layer)
-        return [routed[torch.from_numpy(np.flatnonzero(labels == e))] for e in range(ctx.experts)]
+        # Each expert's neurons in ascending order: the order inside an expert does not change what it
+        # computes, and gathering down columns in order is 3x faster than in k-means' order.
+        return [routed[torch.from_numpy(np.flatnonzero(labels == e))].sort().values for e in range(ctx.experts)]
 
     def finish(self) -> dict[str, Any]:
         if self.fallback is not None:
@@ -218,6 +249,42 @@ def _layout(groups: list[torch.Tensor], shared: torch.Tensor, size: int, shared_
 def _err(moe: MoELayer, x: torch.Tensor, choices: torch.Tensor, feats: torch.Tensor | None, y: torch.Tensor
          ) -> float:
     return round(relative_error(moe_output(moe, x, choices, feats=feats), y), 5)
+
+
+# Expert outputs kept at the probe tokens for the errors before repair, when they fit in this many bytes
+# (8 experts x 2048 tokens x hidden 2048 is 128 MiB; 64 experts at Llama-3-8B width would be 2 GiB, so
+# there the two errors recompute their experts' outputs instead).
+PROBE_OUTPUT_BYTES = 256 * 1024**2
+
+
+def _expert_output_norms(moe: MoELayer, feats: torch.Tensor, probe: slice
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each routed expert's output norm at every token ([tokens, experts]), one expert at a time (stacking
+    all outputs first held experts x tokens x hidden floats: 3.6 GB for SmolLM2's default split at 32768
+    tokens), and the outputs at the probe tokens ([probe, experts, hidden]) when they fit PROBE_OUTPUT_BYTES."""
+    m, experts, hidden = moe.experts[0].size, len(moe.experts), moe.experts[0].down.shape[0]
+    rows = len(range(*probe.indices(feats.shape[0])))
+    keep = experts * rows * hidden * feats.element_size() <= PROBE_OUTPUT_BYTES
+    norms, kept = [], []
+    for e in range(experts):
+        out = feats[:, e * m:(e + 1) * m] @ moe.experts[e].down.T
+        norms.append(out.norm(dim=-1))
+        if keep:
+            kept.append(out[probe])
+        del out
+    return torch.stack(norms, dim=1), (torch.stack(kept, dim=1) if keep else None)
+
+
+def _probe_err(moe: MoELayer, x: torch.Tensor, choices: torch.Tensor, feats: torch.Tensor, y: torch.Tensor,
+               outputs: torch.Tensor | None) -> float:
+    """`_err` from the routed experts' outputs already computed at these tokens, when they were kept."""
+    if outputs is None:
+        return _err(moe, x, choices, feats, y)
+    hidden = outputs.shape[-1]
+    out = outputs.gather(1, choices[:, :, None].expand(-1, -1, hidden)).sum(dim=1)
+    if moe.shared is not None:
+        out = out + feats[:, len(moe.experts) * moe.experts[0].size:] @ moe.shared.down.T
+    return round(relative_error(out, y), 5)
 
 
 # Re-exported for the stats-based tests and benches.
