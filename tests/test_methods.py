@@ -189,3 +189,23 @@ def test_column_norms_match_a_float64_reference():
     down = torch.randn(300, 70, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     want = down.double().norm(dim=0)
     torch.testing.assert_close(column_norms(down, rows=64).double(), want, rtol=1e-6, atol=0)
+
+
+def test_expert_output_norms_hold_only_the_probe_rows():
+    """The kept outputs own just [probe, experts, hidden]: views into each expert's full output kept all of
+    them alive (3.9 GB at SmolLM2's default split); the norms are each expert's output norm per token."""
+    from moeify.split.methods.activations import _expert_output_norms
+
+    g = torch.Generator().manual_seed(2)
+    experts, m, hidden, tokens = 4, 6, 10, 300
+    ffn = FFNWeights(torch.randn(experts * m, hidden, generator=g), torch.randn(experts * m, hidden, generator=g),
+                     torch.randn(hidden, experts * m, generator=g))
+    moe = split_by_groups(ffn, torch.tensor([]).long(), [torch.arange(e * m, (e + 1) * m) for e in range(experts)],
+                          m, 0, torch.zeros(experts, hidden))
+    feats = torch.randn(tokens, experts * m, generator=g)
+    norms, kept = _expert_output_norms(moe, feats, slice(0, 50))
+    want = torch.stack([(feats[:, e * m:(e + 1) * m].double() @ moe.experts[e].down.T.double()).norm(dim=-1)
+                        for e in range(experts)], dim=1)
+    torch.testing.assert_close(norms.double(), want, rtol=1e-5, atol=1e-6)
+    assert kept.shape == (50, experts, hidden)
+    assert kept.untyped_storage().nbytes() == kept.numel() * kept.element_size()
