@@ -23,71 +23,43 @@ def neuron_features(ffn: FFNWeights, index: torch.Tensor, dims: int = 128, seed:
 def neuron_stats(ffn: FFNWeights, index: torch.Tensor, dims: int = 128, seed: int = 0
                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The neurons' features (see `neuron_features`) and the float32 norms of their gate row, up row and down
-    column, from one pass over each block (the importance needs the norms the features divide by).
+    column, from one float32 pass over each block (the importance needs the norms the features divide by).
 
     The projection is applied block by block, so the [n, 3*hidden] concatenation (700 MB for a
-    Llama-3-8B layer) is never built. It is a bf16 product of the rows rounded to bf16 with the projection
-    rounded to bf16 (float32 accumulation): 7x faster than widening a Llama-3-8B block to float32 and
-    multiplying there on a CPU with bf16 dot products (0.02 s against 0.24 s per block, 2 cores), and the
-    features only steer k-means, where bf16's 3 significant digits are ample. Rows stored in bf16 (most
-    checkpoints) are rounded exactly, so a bf16 layer and its float32 copy give the same features bit for
-    bit. The norms are float32, from each block widened a slice at a time. The result stays on the weights'
-    device (the clustering runs there). With every neuron in stored order (`index` is arange, as the
-    weights method asks) nothing is gathered; pass down as a transposed view of a [n, hidden] tensor.
+    Llama-3-8B layer) is never built. The weights may be in their stored dtype (bf16): each block's rows
+    are gathered in that dtype (exact) and only that block is widened to float32, so the features are
+    bit for bit those of a float32 layer while at most one float32 block exists at a time. The result
+    stays on the weights' device (the clustering runs there). With every neuron in stored order (`index`
+    is arange, as the weights method asks) nothing is gathered; pass down as a transposed view of a
+    [n, hidden] tensor and down.T needs no copy either.
     """
     full = len(index) == ffn.size and bool((index == torch.arange(ffn.size, device=index.device)).all())
     blocks = (ffn.gate, ffn.up, ffn.down.T)
     hidden = ffn.gate.shape[1]
     rows = len(index)
     if 3 * hidden <= dims:
-        parts = [_rows(b, index, full).float() for b in blocks]
+        parts = [_rows_f32(b, index, full) for b in blocks]
         norms = [p.norm(dim=1) for p in parts]
         return torch.cat([p / n[:, None].clamp_min(1e-12) for p, n in zip(parts, norms, strict=True)], dim=1), norms
-    proj = projection_matrix(3 * hidden, dims, seed, device=ffn.gate.device).to(torch.bfloat16)
+    proj = projection_matrix(3 * hidden, dims, seed, device=ffn.gate.device)
     out = torch.zeros(rows, dims, device=ffn.gate.device)
     norms = []
     for i, b in enumerate(blocks):  # (p / |p|) @ P == (p @ P) / |p|: no normalised copy of the weights
-        p = _rows(b, index, full)
-        norms.append(_row_norms(p))
-        out += _bf16_product(p, proj[i * hidden:(i + 1) * hidden]).float() / norms[-1][:, None].clamp_min(1e-12)
+        p = _rows_f32(b, index, full)
+        norms.append(p.norm(dim=1))
+        out += (p @ proj[i * hidden:(i + 1) * hidden]) / norms[-1][:, None].clamp_min(1e-12)
         del p
     return out, norms
 
 
-def _rows(block: torch.Tensor, index: torch.Tensor, full: bool) -> torch.Tensor:
-    """`block[index]` in its stored dtype and contiguous (a gather is exact in any dtype, and bf16 is half the bytes).
+def _rows_f32(block: torch.Tensor, index: torch.Tensor, full: bool) -> torch.Tensor:
+    """`block[index]` in float32, gathered before widening (a gather is exact in any dtype, and half the bytes).
 
     down.T is a transposed view: gathering its rows reads one strided column per neuron (3x slower on a
     CPU than a transpose copy followed by a row gather, which yields the same contiguous rows).
     """
     block = block.contiguous()  # down.T: one transpose copy, so rows (and their norms) are contiguous
-    return block if full else block.index_select(0, index)
-
-
-def _row_norms(rows: torch.Tensor, slice_rows: int = 512) -> torch.Tensor:
-    """float32 row norms, widening `slice_rows` rows at a time (no float32 copy of the block)."""
-    if rows.dtype == torch.float32:
-        return rows.norm(dim=1)
-    return torch.cat([part.float().norm(dim=1) for part in rows.split(slice_rows)])
-
-
-def _bf16_product(rows: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
-    """`bf16(rows) @ proj` with float32 accumulation, rounded to bf16 once.
-
-    A CPU without bf16 dot products (no AVX512-BF16 or AMX) runs torch's bf16 matmul slowly, so there the
-    rows are widened and multiplied in float32 and the result rounded to bf16: the same value up to the
-    order of the float32 additions.
-    """
-    rows = rows.to(torch.bfloat16)
-    if rows.device.type != "cpu" or _cpu_has_bf16_dot():
-        return rows @ proj
-    return (rows.float() @ proj.float()).to(torch.bfloat16)
-
-
-def _cpu_has_bf16_dot() -> bool:
-    cpu = torch.cpu
-    checks = (getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None))
-    return any(check is not None and check() for check in checks)
+    return (block if full else block.index_select(0, index)).float()
 
 
 def unit_router(centroids: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
