@@ -225,9 +225,9 @@ def _screen_method():
         router_target = "norm"  # norm (shipped) | lognorm | ce (Adam on cross-entropy to the oracle top-k)
         grouping = "patterns"  # patterns (shipped) | weights | firing (binary: above the token's median)
 
-        def group(self, ffn, acts, routed, layer):
+        def group(self, ffn, acts, routed, layer, down_norms=None):
             if self.grouping == "patterns":
-                return super().group(ffn, acts, routed, layer)
+                return super().group(ffn, acts, routed, layer, down_norms)
             if self.grouping == "weights":
                 from moeify.split.methods.weights import neuron_features
 

@@ -175,7 +175,8 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     """Read one tensor's bytes into a fresh, writable tensor (no mmap, so RSS is exactly what we hold).
 
     The buffer is `torch.empty`, not a `bytearray`: the latter zero-fills every byte before the read
-    overwrites it, a whole extra pass over each layer (0.08 s per 117 MB matrix on the 2-core machine).
+    overwrites it, a whole extra pass over each layer (0.06 s per 117 MiB matrix on the 2-core machine,
+    against 0.2 ms for `torch.empty`).
     """
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.dtype)

@@ -84,7 +84,6 @@ class ActivationsMethod(SplitMethod):
     chunk_len = 512  # calibration sequence length, set in prepare(): refinement holds out whole sequences
     fallback: SplitMethod | None = None  # set when the model cannot be calibrated (no tokenizer)
     _split_output: torch.Tensor | None = None  # the split layer's output on x, for the next layer's input
-    _down_norms: torch.Tensor | None = None  # the current layer's |down column|s, while split_layer runs
 
     def prepare(self, ctx: SplitContext) -> None:
         super().prepare(ctx)
@@ -154,19 +153,18 @@ class ActivationsMethod(SplitMethod):
         ctx = self.ctx
         m, experts = ctx.expert_size, ctx.experts
         acts = ffn_activations(ffn, x)
-        self._down_norms = column_norms(ffn.down)  # shared-expert scores and clustering features both use them
+        down_norms = column_norms(ffn.down)  # shared-expert scores and clustering features both use them
         # The dense output on these inputs: the goal without a target, and the next input where nothing is
         # routed or the stream is the dense one; the compensated stream has its target and never reads it.
         needed = target is None or ctx.top_k >= experts or self.stream == "dense"
         y = acts @ ffn.down.T if needed else None
         goal = y if target is None else target
-        shared_idx, routed_idx = self.pick_shared(ffn, acts)
-        groups = self.group(ffn, acts, routed_idx, layer)
+        shared_idx, routed_idx = self.pick_shared(ffn, acts, down_norms)
+        groups = self.group(ffn, acts, routed_idx, layer, down_norms)
         placeholder = torch.zeros(experts, ffn.gate.shape[1])
         moe = split_by_groups(ffn, shared_idx, groups, m, ctx.shared * m, placeholder)
         if ctx.top_k >= experts:
             moe.router = torch.eye(experts, ffn.gate.shape[1])  # any order: every expert runs
-            self._down_norms = None
             return moe, y, {"routed": False}
         feats = joined_activations(acts, _layout(groups, shared_idx, m, ctx.shared * m))
         del acts
@@ -192,29 +190,33 @@ class ActivationsMethod(SplitMethod):
             if refine_info["refined"]:  # gate/up moved: the split stream's output is recomputed
                 self._split_output = moe_output(moe, x, self.choices(moe, x))
                 info["error_after_refine"] = round(relative_error(self._split_output[probe], goal[probe]), 5)
-        self._down_norms = None
         return moe, y, info
-
-    def _column_norms(self, ffn: FFNWeights) -> torch.Tensor:
-        """The down columns' norms split_layer computed for this layer (or computed here, for a direct call)."""
-        return self._down_norms if self._down_norms is not None else column_norms(ffn.down)
 
     def fit_router(self, x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """Least squares from the FFN input to each expert's output norm (bench/quality.py compares others)."""
         return fit_linear_router(x, norms, self.router_ridge)
 
-    def pick_shared(self, ffn: FFNWeights, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shared block = the neurons with the largest mean contribution; the rest are routed."""
+    def pick_shared(self, ffn: FFNWeights, acts: torch.Tensor, down_norms: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared block = the neurons with the largest mean contribution; the rest are routed.
+
+        `down_norms` may pass `column_norms(ffn.down)` when the caller has them already."""
         ctx = self.ctx
         n_shared = min(ctx.shared * ctx.expert_size, ffn.size - ctx.experts)
-        score = (acts.abs().mean(0) * self._column_norms(ffn)) if n_shared else torch.zeros(ffn.size)
+        if n_shared and down_norms is None:
+            down_norms = column_norms(ffn.down)
+        score = (acts.abs().mean(0) * down_norms) if n_shared else torch.zeros(ffn.size)
         order = torch.argsort(score, descending=True)
         return order[:n_shared].sort().values, order[n_shared:]  # the shared block gathered in order, too
 
-    def group(self, ffn: FFNWeights, acts: torch.Tensor, routed: torch.Tensor, layer: int) -> list[torch.Tensor]:
-        """Balanced k-means on contribution patterns: neurons that fire on the same tokens share an expert."""
+    def group(self, ffn: FFNWeights, acts: torch.Tensor, routed: torch.Tensor, layer: int,
+              down_norms: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Balanced k-means on contribution patterns: neurons that fire on the same tokens share an expert.
+
+        `down_norms` may pass `column_norms(ffn.down)` when the caller has them already."""
         ctx = self.ctx
-        patterns = pattern_features(acts[:, routed], self._column_norms(ffn)[routed], seed=ctx.seed + layer)
+        down_norms = column_norms(ffn.down) if down_norms is None else down_norms
+        patterns = pattern_features(acts[:, routed], down_norms[routed], seed=ctx.seed + layer)
         feats = reduce_features(patterns, seed=ctx.seed)
         labels = balanced_kmeans(feats, ctx.experts, capacity=ctx.expert_size, seed=ctx.seed + layer)
         # Each expert's neurons in ascending order: the order inside an expert does not change what it

@@ -37,6 +37,11 @@ def active_mask(choices: torch.Tensor, sizes: list[int], experts: int) -> torch.
     return torch.repeat_interleave(onehot, torch.tensor(sizes, device=choices.device), dim=1)
 
 
+def tokens_choosing(choices: torch.Tensor, expert: int) -> torch.Tensor:
+    """Indices of the tokens whose routing `choices` ([tokens, top_k]) include `expert`."""
+    return (choices == expert).any(dim=1).nonzero().squeeze(1)
+
+
 def moe_output(moe: MoELayer, x: torch.Tensor, choices: torch.Tensor, feats: torch.Tensor | None = None
                ) -> torch.Tensor:
     """The layer's sum-semantics output for given routing choices ([tokens, top_k]).
@@ -57,7 +62,7 @@ def moe_output(moe: MoELayer, x: torch.Tensor, choices: torch.Tensor, feats: tor
         hi = lo + block.size
         down = block.down.to(feats.dtype)
         if b < experts:
-            rows = (choices == b).any(dim=1).nonzero().squeeze(1)
+            rows = tokens_choosing(choices, b)
             if rows.numel():
                 out.index_add_(0, rows, feats[rows, lo:hi] @ down.T)
         else:
@@ -126,7 +131,7 @@ def _refit_in_neuron_space(joined: FFNWeights, sizes: list[int], experts: int, x
         # masked activations are exact zeros): the same sums at (top_k + shared) / experts of the cost.
         for b, (lo, hi) in enumerate(zip(offsets, offsets[1:], strict=False)):
             if b < experts:
-                rows = (picked == b).any(dim=1).nonzero().squeeze(1)
+                rows = tokens_choosing(picked, b)
                 if rows.numel() == 0:
                     continue
                 fb, tb = f.index_select(0, rows), t.index_select(0, rows)
@@ -141,13 +146,6 @@ def _refit_in_neuron_space(joined: FFNWeights, sizes: list[int], experts: int, x
     new = _spd_solve(gram, rhs + lam * old).T.float()
     del gram
     return new
-
-
-def _refit_in_token_space(joined: FFNWeights, sizes: list[int], experts: int, x: torch.Tensor, target: torch.Tensor,
-                          choices: torch.Tensor, ridge: float, chunk: int, feats: torch.Tensor | None) -> torch.Tensor:
-    """The token-space refit of a joined layer as one [hidden, n] matrix (see `_token_space_downs`)."""
-    downs = list(torch.split(joined.down, sizes, dim=1))
-    return torch.cat(_token_space_downs(downs, sizes, experts, x, target, choices, ridge, chunk, feats, joined), dim=1)
 
 
 def _token_space_downs(downs: list[torch.Tensor], sizes: list[int], experts: int, x: torch.Tensor,
@@ -165,8 +163,9 @@ def _token_space_downs(downs: list[torch.Tensor], sizes: list[int], experts: int
     on its rows. At top-2 of 8 that is 1/16 of the kernel's work and 1/4 of the others'.
 
     Each block's new down projection comes out as its own contiguous [hidden, size] matrix, so the layer's
-    down projections are never joined, copied and split again (three passes over them, 0.05 s a
-    2048x8192 layer). `joined` gives the activations when `feats` is None.
+    down projections are never joined, copied and split again (three passes over them: 1.51 -> 1.34 s a
+    layer in bench/split_bench.py, 8 layers of 2048x8192, 512 tokens). `joined` gives the activations
+    when `feats` is None.
     """
     n, tokens, device = sum(sizes), x.shape[0], x.device
     if feats is None:
@@ -174,7 +173,7 @@ def _token_space_downs(downs: list[torch.Tensor], sizes: list[int], experts: int
     offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
     blocks = []  # (the tokens where the block runs or None for all, its activations there, its old down)
     for b, (lo, hi) in enumerate(zip(offsets, offsets[1:], strict=False)):
-        rows = (choices == b).any(dim=1).nonzero().squeeze(1) if b < experts else None
+        rows = tokens_choosing(choices, b) if b < experts else None
         block = feats[:, lo:hi] if rows is None else feats[:, lo:hi].index_select(0, rows)
         blocks.append((rows, block.float(), downs[b].float()))
     lam = ridge * (sum(f.pow(2).sum(dtype=torch.float64) for _, f, _ in blocks) / n).clamp_min(1e-12)
