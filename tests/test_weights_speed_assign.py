@@ -17,8 +17,8 @@ import torch
 from moeify.io.reader import CheckpointReader
 from moeify.io.writer import ShardedWriter, TensorSpec
 from moeify.split.convert import SplitOptions, split_model
-from moeify.split.methods.cluster import greedy_assign
-from moeify.split.methods.weights import WeightsMethod, neuron_features
+from moeify.split.methods.cluster import greedy_assign, projection_matrix
+from moeify.split.methods.weights import WeightsMethod, neuron_features, neuron_stats
 from moeify.split.moe_layer import FFNWeights
 
 
@@ -72,6 +72,23 @@ def test_features_of_bf16_weights_are_those_of_their_float32_copy(hidden, permut
     got = neuron_features(bf16, index)
     want = neuron_features(bf16.to(torch.float32), index)
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("chunk", [7, 40, 512])  # several blocks with a ragged last one, one block, larger
+@pytest.mark.parametrize("permuted", [False, True])
+def test_chunked_projection_matches_float64(chunk, permuted):
+    """Features projected a few rows at a time are the float64 projection of the normalised weights."""
+    ffn = _ffn(torch.bfloat16)
+    index = torch.randperm(ffn.size, generator=torch.Generator().manual_seed(2))[:33] if permuted \
+        else torch.arange(ffn.size)
+    feats, norms = neuron_stats(ffn, index, chunk=chunk)
+    parts = [b.double()[index] for b in (ffn.gate, ffn.up, ffn.down.T)]
+    want_norms = [p.norm(dim=1) for p in parts]
+    joined = torch.cat([p / n[:, None] for p, n in zip(parts, want_norms, strict=True)], dim=1)
+    want = joined @ projection_matrix(joined.shape[1], 128).double()
+    torch.testing.assert_close(feats.double(), want, rtol=1e-5, atol=1e-6)
+    for got, ref in zip(norms, want_norms, strict=True):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=0)
 
 
 def _bf16_copy(src, dst):
