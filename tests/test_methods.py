@@ -191,13 +191,15 @@ def test_column_norms_match_a_float64_reference():
     torch.testing.assert_close(column_norms(down, rows=64).double(), want, rtol=1e-6, atol=0)
 
 
-def test_expert_output_norms_hold_only_the_probe_rows():
+@pytest.mark.parametrize("m", [6, 12])  # narrower than hidden (norms from the Gram matrix) and wider (outputs)
+def test_expert_output_norms_hold_only_the_probe_rows(m):
     """The kept outputs own just [probe, experts, hidden]: views into each expert's full output kept all of
-    them alive (3.9 GB at SmolLM2's default split); the norms are each expert's output norm per token."""
+    them alive (3.9 GB at SmolLM2's default split); the norms are each expert's output norm per token, and
+    the kept rows its outputs there."""
     from moeify.split.methods.activations import _expert_output_norms
 
     g = torch.Generator().manual_seed(2)
-    experts, m, hidden, tokens = 4, 6, 10, 300
+    experts, hidden, tokens = 4, 10, 300
     ffn = FFNWeights(torch.randn(experts * m, hidden, generator=g), torch.randn(experts * m, hidden, generator=g),
                      torch.randn(hidden, experts * m, generator=g))
     moe = split_by_groups(ffn, torch.tensor([]).long(), [torch.arange(e * m, (e + 1) * m) for e in range(experts)],
@@ -208,4 +210,7 @@ def test_expert_output_norms_hold_only_the_probe_rows():
                         for e in range(experts)], dim=1)
     torch.testing.assert_close(norms.double(), want, rtol=1e-5, atol=1e-6)
     assert kept.shape == (50, experts, hidden)
+    for e in range(experts):
+        torch.testing.assert_close(kept[:, e].double(), feats[:50, e * m:(e + 1) * m].double()
+                                   @ moe.experts[e].down.T.double(), rtol=1e-5, atol=1e-5)
     assert kept.untyped_storage().nbytes() == kept.numel() * kept.element_size()

@@ -228,8 +228,8 @@ class _Stream:
 
 
 def ffn_activations(ffn: FFNWeights, x: torch.Tensor) -> torch.Tensor:
-    """Per-neuron SwiGLU activations silu(gate x) * (up x), [tokens, neurons]."""
-    return F.silu(F.linear(x, ffn.gate)) * F.linear(x, ffn.up)
+    """Per-neuron SwiGLU activations silu(gate x) * (up x), [tokens, neurons] (`FFNWeights.activations`)."""
+    return ffn.activations(x)
 
 
 @dataclass

@@ -24,8 +24,21 @@ class FFNWeights:
     def size(self) -> int:
         return self.gate.shape[0]
 
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-neuron SwiGLU activations silu(gate x) * (up x), [tokens, neurons].
+
+        Without autograd the silu and the product run in place on the gate projection: the same values
+        bit for bit, without two more [tokens, neurons] temporaries (0.73 -> 0.63 s for SmolLM2's FFN on
+        32768 tokens; a split calls this about 80 times). With autograd the out-of-place form keeps what
+        backward needs.
+        """
+        gate = F.linear(x, self.gate)
+        if torch.is_grad_enabled() and (x.requires_grad or self.gate.requires_grad or self.up.requires_grad):
+            return F.silu(gate) * F.linear(x, self.up)
+        return F.silu(gate, inplace=True).mul_(F.linear(x, self.up))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+        return F.linear(self.activations(x), self.down)
 
     def neurons(self, index: torch.Tensor, size: int | None = None) -> FFNWeights:
         """The block made of the given neurons, zero-padded to `size` (zero neurons output exactly 0)."""
