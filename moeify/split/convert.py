@@ -56,9 +56,10 @@ class SplitOptions:
     dense_layers: list[int] | str = field(default_factory=list)
     router_logit_std: float = 1e-5
     calibration: str | None = None
-    # 4096 -> 16384 -> 32768 tokens: held-out geomean 2.47x -> 2.03x (no refinement) -> 1.97x -> 1.89x (100
-    # refinement steps) at 50%; 32768 splits SmolLM2 in 474 s on 2 idle cores, inside the 10-minute budget
-    calibration_tokens: int = 32768
+    # 4096 -> 16384 -> 32768 -> 53248 tokens: held-out geomean 2.47x -> 2.03x (no refinement) -> 1.97x -> 1.89x
+    # -> 1.86x (100 refinement steps) at 50%; 53248 (nearly all of the shipped text) splits SmolLM2 in 514 s on
+    # 2 idle cores since the Gram-matrix expert norms, inside the 10-minute budget (docs/quality.md)
+    calibration_tokens: int = 53248
     dtype: str = "auto"
     seed: int = 0
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
