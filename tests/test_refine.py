@@ -18,7 +18,8 @@ CHUNK = 128
 
 
 def _layer(tokens: int = 4096, hidden: int = 32, neurons: int = 64, seed: int = 0):
-    """A random SwiGLU FFN and inputs with some structure (a few dominant directions), split 8 top-2."""
+    """A random SwiGLU FFN and inputs with some structure (a few dominant directions), split 8 top-2 by the
+    closed-form steps alone (the method's own refinement off, so the tests start from the unrefined layer)."""
     g = torch.Generator().manual_seed(seed)
     ffn = FFNWeights(torch.randn(neurons, hidden, generator=g) / hidden**0.5,
                      torch.randn(neurons, hidden, generator=g) / hidden**0.5,
@@ -26,6 +27,7 @@ def _layer(tokens: int = 4096, hidden: int = 32, neurons: int = 64, seed: int = 
     basis = torch.randn(4, hidden, generator=g)
     x = torch.randn(tokens, 4, generator=g) @ basis + 0.3 * torch.randn(tokens, hidden, generator=g)
     m = ActivationsMethod()
+    m.refine_steps = 0
     m.ctx = SimpleNamespace(experts=8, shared=0, expert_size=neurons // 8, top_k=2, seed=0)
     moe, y, _ = m.split_layer(0, ffn, x)
     return moe, x, y
