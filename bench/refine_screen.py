@@ -75,7 +75,7 @@ def screen(path: Path, variants: list[str]) -> None:
     shared = None if d["shared"] is None else FFNWeights(*d["shared"])
     moe = MoELayer([FFNWeights(*b) for b in d["experts"]], d["router"], shared)
     x, target, k, seed = d["x"].float(), d["target"].float(), d["top_k"], d["seed"]
-    train, held = R._split_tokens(x.shape[0], d["chunk_len"], 0.125)
+    train, held = R.heldout_split(x.shape[0], d["chunk_len"], 0.125)
 
     def choose(m: MoELayer, xs: torch.Tensor) -> torch.Tensor:
         return torch.topk(xs @ m.router.T, k, dim=-1).indices

@@ -9,32 +9,45 @@ import torch
 
 from moeify.split.convert import SplitOptions, split_model
 from moeify.split.methods.activations import ActivationsMethod
-from moeify.split.methods.refine import RefineSettings, _split_tokens, refine_layer
-from moeify.split.methods.repair import moe_output, relative_error
+from moeify.split.methods.refine import RefineSettings, heldout_split, refine_layer
+from moeify.split.methods.repair import moe_output, refit_down, relative_error
 from moeify.split.moe_layer import FFNWeights
 from tests.char_tokenizer import add_char_tokenizer
 
 CHUNK = 128
 
 
-def _layer(tokens: int = 4096, hidden: int = 32, neurons: int = 64, seed: int = 0):
-    """A random SwiGLU FFN and inputs with some structure (a few dominant directions), split 8 top-2 by the
-    closed-form steps alone (the method's own refinement off, so the tests start from the unrefined layer)."""
+def _ffn_and_inputs(tokens: int = 4096, hidden: int = 32, neurons: int = 64, seed: int = 0):
+    """A random SwiGLU FFN and inputs with some structure (a few dominant directions)."""
     g = torch.Generator().manual_seed(seed)
     ffn = FFNWeights(torch.randn(neurons, hidden, generator=g) / hidden**0.5,
                      torch.randn(neurons, hidden, generator=g) / hidden**0.5,
                      torch.randn(hidden, neurons, generator=g) / neurons**0.5)
     basis = torch.randn(4, hidden, generator=g)
     x = torch.randn(tokens, 4, generator=g) @ basis + 0.3 * torch.randn(tokens, hidden, generator=g)
+    return ffn, x
+
+
+def _method(refine_steps: int = 0, neurons: int = 64, **settings) -> ActivationsMethod:
+    """The activations method splitting 8 top-2, calibrated on sequences of CHUNK tokens."""
     m = ActivationsMethod()
-    m.refine_steps = 0
+    m.refine_steps, m.chunk_len = refine_steps, CHUNK
+    for key, value in settings.items():
+        setattr(m, key, value)
     m.ctx = SimpleNamespace(experts=8, shared=0, expert_size=neurons // 8, top_k=2, seed=0)
-    moe, y, _ = m.split_layer(0, ffn, x)
+    return m
+
+
+def _layer(seed: int = 0):
+    """The layer split 8 top-2 by the closed-form steps alone (the method's own refinement off, so the tests
+    start from the unrefined layer)."""
+    ffn, x = _ffn_and_inputs(seed=seed)
+    moe, y, _ = _method().split_layer(0, ffn, x)
     return moe, x, y
 
 
 def _heldout_error(moe, x, y, top_k=2):
-    _, held = _split_tokens(x.shape[0], CHUNK, RefineSettings(1).holdout)
+    _, held = heldout_split(x.shape[0], CHUNK, RefineSettings(1).holdout)
     xh, yh = x[held], y[held]
     chosen = torch.topk(xh @ moe.router.T, top_k, dim=-1).indices
     return relative_error(moe_output(moe, xh, chosen), yh)
@@ -64,10 +77,35 @@ def test_refinement_that_does_not_help_keeps_the_closed_form_layer():
     assert _heldout_error(kept, x, y) == before
 
 
+def test_refinement_is_judged_against_a_closed_form_that_never_saw_the_heldout_sequences():
+    """The repair fits every calibration token when refinement is off; when it is on, the closed form
+    refinement must beat is fitted on the training sequences only (else its held-out error is in-sample and
+    good refinements are refused), and where refinement loses, the closed form on every token is written."""
+    ffn, x = _ffn_and_inputs(seed=1)
+    closed_all, y, _ = _method().split_layer(0, ffn, x)
+    unrepaired, _, _ = _method(repair=False).split_layer(0, ffn, x)
+    train, held = heldout_split(x.shape[0], CHUNK, RefineSettings(1).holdout)
+    chosen = torch.topk(x @ unrepaired.router.T, 2, dim=-1).indices
+    closed_train = refit_down(unrepaired, x[train], y[train], chosen[train], ActivationsMethod.down_ridge)
+    in_sample, out_of_sample = _heldout_error(closed_all, x, y), _heldout_error(closed_train, x, y)
+    assert out_of_sample > in_sample  # the bias the fair comparison removes
+
+    refused, _, info = _method(refine_steps=30, refine_lr=3.0).split_layer(0, ffn, x)  # a step size that diverges
+    assert info["refined"] is False
+    assert abs(info["error_heldout_before_refine"] - out_of_sample) < 2e-5  # judged against the fair baseline
+    for written, expected in zip(refused.experts, closed_all.experts, strict=True):  # and the full fit written
+        torch.testing.assert_close(written.down, expected.down, rtol=1e-5, atol=1e-6)
+
+    kept, _, info = _method(refine_steps=150, refine_lr=3e-3).split_layer(0, ffn, x)
+    assert info["refined"] is True
+    assert abs(info["error_heldout_before_refine"] - out_of_sample) < 2e-5
+    assert _heldout_error(kept, x, y) < out_of_sample
+
+
 def test_heldout_tokens_are_whole_sequences():
-    train, held = _split_tokens(16 * CHUNK, CHUNK, 0.125)
+    train, held = heldout_split(16 * CHUNK, CHUNK, 0.125)
     assert (train.stop, held.start, held.stop) == (14 * CHUNK, 14 * CHUNK, 16 * CHUNK)
-    train, held = _split_tokens(100, 512, 0.125)  # one short sequence: its tail is held out
+    train, held = heldout_split(100, 512, 0.125)  # one short sequence: its tail is held out
     assert 0 < train.stop < 100 and held.stop == 100
 
 

@@ -14,7 +14,9 @@ logits (straight-through), so every expert's logit learns whether raising it wou
 error at that token. Padding neurons stay zero.
 
 The result is judged on held-out calibration sequences that refinement never trained on; when it does
-not beat the closed-form layer there, the closed-form layer is kept, so refinement can only help.
+not beat the closed-form layer there, the closed-form layer is kept, so refinement can only help. The
+comparison is fair only if the closed-form layer did not see those sequences either: the activations
+method fits its repair on the training sequences (`heldout_split`) whenever it refines.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class RefineSettings:
     train: tuple[str, ...] = ("gate", "up", "down")
 
 
-def _split_tokens(tokens: int, chunk_len: int, holdout: float) -> tuple[slice, slice]:
+def heldout_split(tokens: int, chunk_len: int, holdout: float) -> tuple[slice, slice]:
     """Train on the first sequences, hold out the last ones (whole sequences: no leakage inside a text)."""
     chunks = max(1, tokens // max(chunk_len, 1))
     held = max(1, math.ceil(chunks * holdout)) if chunks > 1 else 0
@@ -113,7 +115,7 @@ def refine_layer(moe: MoELayer, x: torch.Tensor, target: torch.Tensor, top_k: in
 
     x: [tokens, hidden] the layer's calibration inputs in sequence order; target: what the layer must output.
     """
-    train, held = _split_tokens(x.shape[0], chunk_len, settings.holdout)
+    train, held = heldout_split(x.shape[0], chunk_len, settings.holdout)
     x, target = x.float(), target.float()
     model = _Trainable(moe).to(x.device)  # the layer's inputs decide the device (split --device)
     before = _error(model, x[held], target[held], top_k)
