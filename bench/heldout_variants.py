@@ -14,7 +14,9 @@ VARIANT:
                repair on the training sequences whenever it refines.
   refit        where refinement wins, its down projections are refitted by the ridge repair on every
                calibration token (refinement trained on the training sequences only), pulled towards the
-               refined ones, with the refined router's choices.
+               refined ones, with the refined router's choices. The default since 2026-12-06: measured on
+               commit 18d7a1e, the last one without it; today it would refit twice, so it refuses and
+               bench/heldout.py runs the same split.
   alpha=A      partial compensation: the repair and refinement target is dense_y + A x (dense residual -
                split residual); A = 1 is the shipped "compensate" stream.
 CONFIG is as in bench/heldout.py. docs/quality.md records what each variant measured.
@@ -123,6 +125,9 @@ def patch_alpha(alpha: float) -> None:
 
 
 def patch_refit() -> None:
+    if "refit_down(moe, x, goal, routed" in Path(act.__file__).read_text():
+        raise SystemExit("the refit variant is the shipped default since 2026-12-06: run bench/heldout.py instead "
+                         "(or check out 18d7a1e to reproduce its measurement)")
     refine, refit = act.refine_layer, act.refit_down
 
     def refine_then_refit(moe, x, target, top_k, settings, chunk_len, seed=0):

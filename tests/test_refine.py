@@ -156,3 +156,29 @@ def test_ctrl_c_during_refinement_leaves_no_output(tiny_models, tmp_path, monkey
     assert calls["n"] == 2
     assert not out.exists()
     assert leftovers(out) == []
+
+
+def test_a_winning_refinement_gets_its_down_projections_refitted_on_every_calibration_token(monkeypatch):
+    """Refinement trains on the training sequences only; the ridge repair after it fits all of them, so the
+    shipped layer's error on the calibration tokens is below the refined layer's (the ridge objective is at
+    most its value at the refined down projections, which it is pulled towards)."""
+    import moeify.split.methods.activations as act
+
+    seen = {}
+    refine = act.refine_layer
+
+    def spy(*args, **kwargs):
+        seen["refined"], info = refine(*args, **kwargs)
+        return seen["refined"], info
+
+    monkeypatch.setattr(act, "refine_layer", spy)
+    ffn, x = _ffn_and_inputs()
+    y = ffn.forward(x)
+    moe, _, info = _method(refine_steps=150, refine_lr=3e-3).split_layer(0, ffn, x)
+    assert info["refined"] is True
+
+    def error(layer):
+        return relative_error(moe_output(layer, x, torch.topk(x @ layer.router.T, 2, dim=-1).indices), y)
+
+    assert torch.equal(moe.router, seen["refined"].router)  # the routing refinement learnt is kept
+    assert error(moe) < error(seen["refined"]) - 1e-3

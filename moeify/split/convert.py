@@ -57,9 +57,9 @@ class SplitOptions:
     router_logit_std: float = 1e-5
     calibration: str | None = None
     # 4096 -> 16384 -> 32768 -> 53248 tokens: held-out geomean 2.47x -> 2.03x (no refinement) -> 1.97x -> 1.89x
-    # -> 1.86x (100 refinement steps of step size 1e-3; 1.80x at 1e-2, 1.69x with the fair keep-if-better rule)
-    # at 50%; 53248 (nearly all of the shipped text) splits SmolLM2 in about 530 s on 2 idle cores, inside the
-    # 10-minute budget (docs/quality.md)
+    # -> 1.86x (100 refinement steps of step size 1e-3; 1.80x at 1e-2, 1.68x with the fair keep-if-better rule
+    # and the repair after refinement) at 50%; 53248 (nearly all of the shipped text) splits SmolLM2 in about
+    # 550 s on 2 idle cores, inside the 10-minute budget (docs/quality.md)
     calibration_tokens: int = 53248
     dtype: str = "auto"
     seed: int = 0
