@@ -12,11 +12,6 @@ VARIANT:
                that closed form's repair had fitted the held-out sequences too, so the keep-if-better rule
                compared an in-sample error with an out-of-sample one; the shipped split now fits the
                repair on the training sequences whenever it refines.
-  refit        where refinement wins, its down projections are refitted by the ridge repair on every
-               calibration token (refinement trained on the training sequences only), pulled towards the
-               refined ones, with the refined router's choices. The default since 2026-12-06: measured on
-               commit 18d7a1e, the last one without it; today it would refit twice, so it refuses and
-               bench/heldout.py runs the same split.
   alpha=A      partial compensation: the repair and refinement target is dense_y + A x (dense residual -
                split residual); A = 1 is the shipped "compensate" stream.
 CONFIG is as in bench/heldout.py. docs/quality.md records what each variant measured.
@@ -124,34 +119,16 @@ def patch_alpha(alpha: float) -> None:
     act.ActivationsMethod.compensated_target = compensated_target
 
 
-def patch_refit() -> None:
-    if "refit_down(moe, x, goal, routed" in Path(act.__file__).read_text():
-        raise SystemExit("the refit variant is the shipped default since 2026-12-06: run bench/heldout.py instead "
-                         "(or check out 18d7a1e to reproduce its measurement)")
-    refine, refit = act.refine_layer, act.refit_down
-
-    def refine_then_refit(moe, x, target, top_k, settings, chunk_len, seed=0):
-        refined, info = refine(moe, x, target, top_k, settings, chunk_len, seed)
-        if info["refined"]:  # refinement trained on the training sequences: the ridge repair now sees them all
-            choices = torch.topk(x @ refined.router.T.to(x.dtype), top_k, dim=-1).indices
-            refined = refit(refined, x, target, choices, act.ActivationsMethod.down_ridge)
-        return refined, info
-
-    act.refine_layer = refine_then_refit
-
-
 def main() -> None:
     variant, rest = sys.argv[1], sys.argv[2:]
     if variant == "readers":
         patch_readers()
     elif variant == "accept":
         patch_accept()
-    elif variant == "refit":
-        patch_refit()
     elif variant.startswith("alpha="):
         patch_alpha(float(variant.removeprefix("alpha=")))
     else:
-        raise SystemExit(f"unknown variant {variant!r}: readers, accept, refit or alpha=A")
+        raise SystemExit(f"unknown variant {variant!r}: readers, accept or alpha=A")
     sys.argv = ["heldout.py", *rest]
     runpy.run_path(str(REPO / "bench" / "heldout.py"), run_name="__main__")
 

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
+import moeify.split.methods.activations as act
 from moeify.split.convert import SplitOptions, split_model
 from moeify.split.methods.activations import ActivationsMethod
 from moeify.split.methods.refine import RefineSettings, heldout_split, refine_layer
@@ -162,8 +163,6 @@ def test_a_winning_refinement_gets_its_down_projections_refitted_on_every_calibr
     """Refinement trains on the training sequences only; the ridge repair after it fits all of them, so the
     shipped layer's error on the calibration tokens is below the refined layer's (the ridge objective is at
     most its value at the refined down projections, which it is pulled towards)."""
-    import moeify.split.methods.activations as act
-
     seen = {}
     refine = act.refine_layer
 

@@ -27,7 +27,7 @@ from moeify.split.calibrate import LayerRunner, NeuronStats, calibration_tokens,
 from moeify.split.methods.base import SplitContext, SplitMethod
 from moeify.split.methods.cluster import balanced_kmeans, reduce_features
 from moeify.split.methods.refine import RefineSettings, heldout_split, refine_layer
-from moeify.split.methods.repair import joined_activations, moe_output, refit_down, relative_error
+from moeify.split.methods.repair import joined_activations, moe_output, neuron_blocks, refit_down, relative_error
 from moeify.split.methods.router import fit_linear_router
 from moeify.split.moe_layer import FFNWeights, MoELayer, split_by_groups
 
@@ -203,11 +203,12 @@ class ActivationsMethod(SplitMethod):
             refined = refine_info["refined"]
             if not refined and self.repair:
                 moe = refit_down(unrepaired, x, goal, chosen, self.down_ridge, feats=feats)
-        if refined:  # gate, up and the router moved: the split stream's output is recomputed with its routing
+        if refined:  # gate, up and the router moved: activations and routing are recomputed, once for both uses
             routed = self.choices(moe, x)
+            feats = ffn_activations(neuron_blocks(moe)[0], x)
             if self.repair:  # refinement trained on the training sequences only: the repair now fits them all,
-                moe = refit_down(moe, x, goal, routed, self.down_ridge)  # pulled towards the refined downs
-            self._split_output = moe_output(moe, x, routed)
+                moe = refit_down(moe, x, goal, routed, self.down_ridge, feats=feats)  # pulled to the refined downs
+            self._split_output = moe_output(moe, x, routed, feats=feats)
             info["error_after_refine"] = round(relative_error(self._split_output[probe], goal[probe]), 5)
         else:  # the split stream's next input, computed once: its probe rows give the error after repair too
             self._split_output = moe_output(moe, x, chosen, feats=feats)
