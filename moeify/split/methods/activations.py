@@ -190,7 +190,7 @@ class ActivationsMethod(SplitMethod):
         # every refinement gave 1.72x against 1.80x at 50%). So when refining, the repair fits the training
         # sequences only, and where refinement loses, the closed form refit on every token ships (1.69x at 50%).
         # Where it wins, its down projections are refitted on every token (1.675x / 1.756x on two seeds, against
-        # 1.691x / 1.789x without; bench/heldout_variants.py `refit`, docs/quality.md).
+        # 1.691x / 1.789x without; the `refit` variant of bench/heldout_variants.py at 18d7a1e, docs/quality.md).
         refining = self.refine_steps > 0
         fit = heldout_split(x.shape[0], self.chunk_len, settings.holdout)[0] if refining else slice(None)
         if self.repair:
