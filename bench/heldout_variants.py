@@ -14,6 +14,18 @@ VARIANT:
                repair on the training sequences whenever it refines.
   alpha=A      partial compensation: the repair and refinement target is dense_y + A x (dense residual -
                split residual); A = 1 is the shipped "compensate" stream.
+  attn=R       the attention output projection compensates too: on the split stream, each layer's o_proj is
+               ridge-refitted (pull R towards the original, relative to the mean of diag(V^T V)) so that the
+               residual after attention lands on the dense stream's; the FFN then compensates what is left.
+               The refitted o_proj replaces the copied one in the written shards. Per layer it logs the
+               held-out error of the attention output against that target (fitted on 7/8 of the sequences,
+               scored on the rest) for several pulls, to stderr.
+  reassign=R   after the contribution-pattern grouping, R rounds of router-aware reassignment: fit the router
+               to the groups' output norms, route the calibration tokens, and move each routed neuron to
+               the expert that is chosen where the neuron contributes most (sum over the tokens routed to
+               the expert of a_j^2 |d_j|^2, balanced to equal sizes). A round is kept only if it raises the
+               share of routed contribution energy the router's choices capture on the last eighth of the
+               sequences (held out); logged to stderr per layer.
 CONFIG is as in bench/heldout.py. docs/quality.md records what each variant measured.
 """
 
@@ -22,6 +34,7 @@ from __future__ import annotations
 import math
 import runpy
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -119,6 +132,176 @@ def patch_alpha(alpha: float) -> None:
     act.ActivationsMethod.compensated_target = compensated_target
 
 
+def patch_attn(ridge: float) -> None:
+    from safetensors.torch import load_file, save_file
+
+    import moeify.split.calibrate as cal
+    import moeify.split.convert as conv
+
+    refitted: dict[int, torch.Tensor] = {}
+    original_run = cal.LayerRunner._run_layer
+
+    @torch.no_grad()
+    def run_layer(self, layer):
+        if self.streams != 2:
+            return original_run(self, layer)
+        pending = [s for s, m in enumerate(self._mid) if m is not None]
+        if pending:
+            raise RuntimeError("advance() first")
+        module = self._load_layer(layer)
+        capture = cal.ffn_block(module)[1]
+        seen: list[torch.Tensor] = []
+        hook = module.self_attn.o_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+        try:
+            with self.compute.autocast():
+                for s, hidden in enumerate(self.hidden):
+                    seen.clear()
+                    mids = []
+                    for start in range(0, hidden.shape[0], self.batch):
+                        h = hidden[start:start + self.batch]
+                        rows = h.shape[0]
+                        cos, sin = self.position_embeddings
+                        out = module(h, attention_mask=self._mask_for(layer, rows),
+                                     position_ids=self.position_ids.expand(rows, -1),
+                                     position_embeddings=(cos.expand(rows, -1, -1), sin.expand(rows, -1, -1)))
+                        mids.append((out[0] if isinstance(out, tuple) else out).float())
+                    x = torch.cat(capture.seen).float()
+                    capture.seen.clear()
+                    self._x[s] = x.reshape(-1, x.shape[-1])
+                    self._mid[s] = torch.cat(mids)
+                    if s == 0:
+                        values = torch.cat(seen).float().reshape(-1, seen[0].shape[-1])
+            # stream 0 is the split model's, stream 1 the dense one's
+            t0 = time.perf_counter()
+            shape = self._mid[0].shape
+            h_split = self.hidden[0].reshape(-1, shape[-1]).float()
+            target = self._mid[1].reshape(-1, shape[-1]) - h_split  # what attention must add to land on dense
+            w_old = module.self_attn.o_proj.weight.detach().float()
+            seq = shape[1]
+            n_seq = shape[0]
+            held = max(1, n_seq // 8)
+            train = slice(0, (n_seq - held) * seq)
+            test = slice((n_seq - held) * seq, None)
+            v64 = values.double()
+            gram_tr = v64[train].T @ v64[train]
+            rhs_tr = v64[train].T @ target[train].double()
+            base = float((values[test] @ w_old.T - target[test]).norm() / target[test].norm())
+            errs = {"orig": round(base, 4)}
+            for r in (0.01, 0.1, 1.0, 10.0):
+                lam = r * gram_tr.diagonal().mean()
+                w = torch.linalg.solve(gram_tr + lam * torch.eye(gram_tr.shape[0], dtype=torch.float64),
+                                       rhs_tr + lam * w_old.T.double()).T.float()
+                errs[str(r)] = round(float((values[test] @ w.T - target[test]).norm() / target[test].norm()), 4)
+            gram = v64.T @ v64
+            lam = ridge * gram.diagonal().mean()
+            w_new = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64),
+                                       v64.T @ target.double() + lam * w_old.T.double()).T.float()
+            mid = (h_split + values @ w_new.T)
+            self._mid[0] = mid.reshape(shape)
+            self._x[0] = module.post_attention_layernorm(mid).float()
+            refitted[layer] = w_new.cpu()
+            print(f"attn layer {layer}: held-out error {errs} ({time.perf_counter() - t0:.1f} s)",
+                  file=sys.stderr, flush=True)
+        finally:
+            hook.remove()
+            capture.seen.clear()
+            module.to("meta")
+        self._layer = layer
+
+    cal.LayerRunner._run_layer = run_layer
+    original_split = conv.split_model
+
+    def split_model(model, output, options=None, **kwargs):
+        refitted.clear()
+        result = original_split(model, output, options, **kwargs)
+        for shard in sorted(Path(output).glob("*.safetensors")):
+            tensors = load_file(str(shard))
+            changed = False
+            for layer, w in refitted.items():
+                name = f"model.layers.{layer}.self_attn.o_proj.weight"
+                if name in tensors:
+                    tensors[name] = w.to(tensors[name].dtype).contiguous()
+                    changed = True
+            if changed:
+                save_file(tensors, str(shard), metadata={"format": "pt"})
+        return result
+
+    conv.split_model = split_model
+
+
+def patch_reassign(rounds: int) -> None:
+    from moeify.split.methods.cluster import balanced_assign
+    from moeify.split.methods.router import fit_linear_router
+
+    split_layer, group = act.ActivationsMethod.split_layer, act.ActivationsMethod.group
+
+    def stash_split_layer(self, layer, ffn, x, target=None):
+        self._stash_x = x
+        try:
+            return split_layer(self, layer, ffn, x, target)
+        finally:
+            self._stash_x = None
+
+    def norms_of(groups, acts, down):
+        cols = []
+        for g in groups:
+            a, d = acts[:, g], down[:, g]
+            gram = (d.T.double() @ d.double()).float()
+            cols.append(((a @ gram) * a).sum(-1).clamp_min(0).sqrt())
+        return torch.stack(cols, 1)
+
+    def captured(groups, choices, energy_cols):
+        # share of the routed neurons' contribution energy in the experts the router chose, per token summed
+        mask = torch.zeros(choices.shape[0], len(groups), device=choices.device)
+        mask.scatter_(1, choices, 1.0)
+        total = routed_total = 0.0
+        for e, g in enumerate(groups):
+            per_token = energy_cols[:, g].sum(1)
+            total += float((per_token * mask[:, e]).sum())
+            routed_total += float(per_token.sum())
+        return total / routed_total
+
+    def reassign_group(self, ffn, acts, routed, layer, down_norms=None):
+        groups = group(self, ffn, acts, routed, layer, down_norms)
+        x = self._stash_x
+        ctx = self.ctx
+        t0 = time.perf_counter()
+        tokens = x.shape[0]
+        n_seq = tokens // self.chunk_len
+        held = max(1, n_seq // 8)
+        cut = (n_seq - held) * self.chunk_len
+        fit_rows = torch.arange(0, cut, 2)  # every other training token: the loop's cost halves
+        test_rows = torch.arange(cut, tokens)
+        energy = acts.pow(2) * act.column_norms(ffn.down).pow(2)  # [tokens, n] proxy: a_j^2 |d_j|^2
+
+        def route(groups_):
+            return fit_linear_router(x[fit_rows], norms_of(groups_, acts[fit_rows], ffn.down), self.router_ridge)
+        router = route(groups)
+        best = captured(groups, torch.topk(x[test_rows] @ router.T, ctx.top_k, -1).indices, energy[test_rows])
+        log = [round(best, 4)]
+        for _ in range(rounds):
+            chosen = torch.topk(x[fit_rows] @ router.T, ctx.top_k, -1).indices
+            mask = torch.zeros(len(fit_rows), ctx.experts)
+            mask.scatter_(1, chosen, 1.0)
+            score = mask.T @ energy[fit_rows][:, routed]  # [experts, routed neurons]
+            labels = torch.as_tensor(balanced_assign(-score.T, ctx.expert_size))
+            new = [routed[(labels == e).nonzero().squeeze(1)].sort().values for e in range(ctx.experts)]
+            new_router = route(new)
+            value = captured(new, torch.topk(x[test_rows] @ new_router.T, ctx.top_k, -1).indices,
+                             energy[test_rows])
+            log.append(round(value, 4))
+            if value <= best:
+                break
+            best, groups, router = value, new, new_router
+        del energy
+        print(f"reassign layer {layer}: held-out captured share {log} ({time.perf_counter() - t0:.1f} s)",
+              file=sys.stderr, flush=True)
+        return groups
+
+    act.ActivationsMethod.split_layer = stash_split_layer
+    act.ActivationsMethod.group = reassign_group
+
+
 def main() -> None:
     variant, rest = sys.argv[1], sys.argv[2:]
     if variant == "readers":
@@ -127,8 +310,12 @@ def main() -> None:
         patch_accept()
     elif variant.startswith("alpha="):
         patch_alpha(float(variant.removeprefix("alpha=")))
+    elif variant.startswith("reassign="):
+        patch_reassign(int(variant.removeprefix("reassign=")))
+    elif variant.startswith("attn="):
+        patch_attn(float(variant.removeprefix("attn=")))
     else:
-        raise SystemExit(f"unknown variant {variant!r}: readers, accept or alpha=A")
+        raise SystemExit(f"unknown variant {variant!r}: readers, accept, alpha=A, attn=R or reassign=R")
     sys.argv = ["heldout.py", *rest]
     runpy.run_path(str(REPO / "bench" / "heldout.py"), run_name="__main__")
 
