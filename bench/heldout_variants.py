@@ -20,12 +20,6 @@ VARIANT:
                The refitted o_proj replaces the copied one in the written shards. Per layer it logs the
                held-out error of the attention output against that target (fitted on 7/8 of the sequences,
                scored on the rest) for several pulls, to stderr.
-  reassign=R   after the contribution-pattern grouping, R rounds of router-aware reassignment: fit the router
-               to the groups' output norms, route the calibration tokens, and move each routed neuron to
-               the expert that is chosen where the neuron contributes most (sum over the tokens routed to
-               the expert of a_j^2 |d_j|^2, balanced to equal sizes). A round is kept only if it raises the
-               share of routed contribution energy the router's choices capture on the last eighth of the
-               sequences (held out); logged to stderr per layer.
 CONFIG is as in bench/heldout.py. docs/quality.md records what each variant measured.
 """
 
@@ -229,79 +223,6 @@ def patch_attn(ridge: float) -> None:
     conv.split_model = split_model
 
 
-def patch_reassign(rounds: int) -> None:
-    from moeify.split.methods.cluster import balanced_assign
-    from moeify.split.methods.router import fit_linear_router
-
-    split_layer, group = act.ActivationsMethod.split_layer, act.ActivationsMethod.group
-
-    def stash_split_layer(self, layer, ffn, x, target=None):
-        self._stash_x = x
-        try:
-            return split_layer(self, layer, ffn, x, target)
-        finally:
-            self._stash_x = None
-
-    def norms_of(groups, acts, down):
-        cols = []
-        for g in groups:
-            a, d = acts[:, g], down[:, g]
-            gram = (d.T.double() @ d.double()).float()
-            cols.append(((a @ gram) * a).sum(-1).clamp_min(0).sqrt())
-        return torch.stack(cols, 1)
-
-    def captured(groups, choices, energy_cols):
-        # share of the routed neurons' contribution energy in the experts the router chose, per token summed
-        mask = torch.zeros(choices.shape[0], len(groups), device=choices.device)
-        mask.scatter_(1, choices, 1.0)
-        total = routed_total = 0.0
-        for e, g in enumerate(groups):
-            per_token = energy_cols[:, g].sum(1)
-            total += float((per_token * mask[:, e]).sum())
-            routed_total += float(per_token.sum())
-        return total / routed_total
-
-    def reassign_group(self, ffn, acts, routed, layer, down_norms=None):
-        groups = group(self, ffn, acts, routed, layer, down_norms)
-        x = self._stash_x
-        ctx = self.ctx
-        t0 = time.perf_counter()
-        tokens = x.shape[0]
-        n_seq = tokens // self.chunk_len
-        held = max(1, n_seq // 8)
-        cut = (n_seq - held) * self.chunk_len
-        fit_rows = torch.arange(0, cut, 2)  # every other training token: the loop's cost halves
-        test_rows = torch.arange(cut, tokens)
-        energy = acts.pow(2) * act.column_norms(ffn.down).pow(2)  # [tokens, n] proxy: a_j^2 |d_j|^2
-
-        def route(groups_):
-            return fit_linear_router(x[fit_rows], norms_of(groups_, acts[fit_rows], ffn.down), self.router_ridge)
-        router = route(groups)
-        best = captured(groups, torch.topk(x[test_rows] @ router.T, ctx.top_k, -1).indices, energy[test_rows])
-        log = [round(best, 4)]
-        for _ in range(rounds):
-            chosen = torch.topk(x[fit_rows] @ router.T, ctx.top_k, -1).indices
-            mask = torch.zeros(len(fit_rows), ctx.experts)
-            mask.scatter_(1, chosen, 1.0)
-            score = mask.T @ energy[fit_rows][:, routed]  # [experts, routed neurons]
-            labels = torch.as_tensor(balanced_assign(-score.T, ctx.expert_size))
-            new = [routed[(labels == e).nonzero().squeeze(1)].sort().values for e in range(ctx.experts)]
-            new_router = route(new)
-            value = captured(new, torch.topk(x[test_rows] @ new_router.T, ctx.top_k, -1).indices,
-                             energy[test_rows])
-            log.append(round(value, 4))
-            if value <= best:
-                break
-            best, groups, router = value, new, new_router
-        del energy
-        print(f"reassign layer {layer}: held-out captured share {log} ({time.perf_counter() - t0:.1f} s)",
-              file=sys.stderr, flush=True)
-        return groups
-
-    act.ActivationsMethod.split_layer = stash_split_layer
-    act.ActivationsMethod.group = reassign_group
-
-
 def main() -> None:
     variant, rest = sys.argv[1], sys.argv[2:]
     if variant == "readers":
@@ -310,12 +231,10 @@ def main() -> None:
         patch_accept()
     elif variant.startswith("alpha="):
         patch_alpha(float(variant.removeprefix("alpha=")))
-    elif variant.startswith("reassign="):
-        patch_reassign(int(variant.removeprefix("reassign=")))
     elif variant.startswith("attn="):
         patch_attn(float(variant.removeprefix("attn=")))
     else:
-        raise SystemExit(f"unknown variant {variant!r}: readers, accept, alpha=A, attn=R or reassign=R")
+        raise SystemExit(f"unknown variant {variant!r}: readers, accept, alpha=A or attn=R")
     sys.argv = ["heldout.py", *rest]
     runpy.run_path(str(REPO / "bench" / "heldout.py"), run_name="__main__")
 

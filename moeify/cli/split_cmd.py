@@ -54,6 +54,8 @@ def split(
                                               "repair.")] = DEFAULTS.down_ridge,
     router_ridge: Annotated[float, typer.Option("--router-ridge", help="Ridge strength of the router fit.")]
     = DEFAULTS.router_ridge,
+    reassign_rounds: Annotated[int, typer.Option("--reassign-rounds", help="Router-aware reassignment rounds "
+                                                 "after the grouping (0: off).")] = DEFAULTS.reassign_rounds,
     refine_steps: Annotated[int, typer.Option("--refine-steps", help="Layer-local refinement steps per layer "
                                               "after the closed-form fit (0: off).")] = DEFAULTS.refine_steps,
     refine_lr: Annotated[float, typer.Option("--refine-lr", help="Refinement step size, relative to each "
@@ -74,7 +76,8 @@ def split(
     options = SplitOptions(experts=experts, top_k=top_k, shared=shared, active=active, method=method, target=target,
                            pad_to=pad_to, dense_layers=parse_layers(dense_layers), calibration=calibration,
                            calibration_tokens=calibration_tokens, dtype=dtype, seed=seed, stream=stream,
-                           down_ridge=down_ridge, router_ridge=router_ridge, refine_steps=refine_steps,
+                           down_ridge=down_ridge, router_ridge=router_ridge, reassign_rounds=reassign_rounds,
+                           refine_steps=refine_steps,
                            refine_lr=refine_lr, refine_batch=refine_batch, device=device)
     result = split_model(model, output, options, overwrite=overwrite, reporter=out, revision=revision,
                          token=token)

@@ -69,6 +69,7 @@ class SplitOptions:
     stream: str = ActivationsMethod.stream
     router_ridge: float = ActivationsMethod.router_ridge
     down_ridge: float = ActivationsMethod.down_ridge
+    reassign_rounds: int = ActivationsMethod.reassign_rounds
     refine_steps: int = ActivationsMethod.refine_steps
     refine_lr: float = ActivationsMethod.refine_lr
     refine_batch: int = ActivationsMethod.refine_batch
@@ -160,6 +161,9 @@ def validate_options(options: SplitOptions, intermediate: int, layers: int) -> N
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise UsageError(f"--{name.replace('_', '-')} must be a positive number (got {value})",
                              f"the default is {getattr(ActivationsMethod, name)}")
+    if isinstance(o.reassign_rounds, bool) or not isinstance(o.reassign_rounds, int) or o.reassign_rounds < 0:
+        raise UsageError(f"--reassign-rounds must be 0 (off) or more (got {o.reassign_rounds})",
+                         "e.g. --reassign-rounds 3")
     if o.refine_steps < 0:
         raise UsageError(f"--refine-steps must be 0 (off) or more (got {o.refine_steps})", "e.g. --refine-steps 200")
     if o.refine_batch < 1:

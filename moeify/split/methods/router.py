@@ -27,25 +27,45 @@ def fit_linear_router(x: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-
     """Least squares W ([experts, hidden]) with x @ W.T ~ targets, ridge-regularised relative to the data scale.
 
     Targets are centred per token first: a linear router cannot add a bias, and only which experts beat
-    the others at a token matters, not how loud the token is overall. With fewer calibration tokens than
-    hidden dimensions (a Llama-3-8B layer on 512 tokens) the same ridge solution comes from the tokens x
-    tokens system, W^T = X^T (X X^T + lam I)^-1 T (push-through identity), at a fraction of the work.
+    the others at a token matters, not how loud the token is overall.
     """
-    with torch.autocast(device_type=x.device.type, enabled=False):  # float64 normal equations on every device
-        xd = x.double()
-        t = targets.double()
-        t = t - t.mean(dim=1, keepdim=True)
-        tokens, hidden = xd.shape
-        if tokens < hidden:
-            lam = ridge * xd.pow(2).sum() / hidden  # the mean of diag(X^T X), as below
-            kernel = xd @ xd.T
-            kernel.diagonal().add_(lam)
-            w = xd.T @ torch.linalg.solve(kernel, t)
-        else:
-            gram = xd.T @ xd
-            lam = ridge * gram.diagonal().mean()
-            w = torch.linalg.solve(gram + lam * torch.eye(hidden, dtype=gram.dtype, device=gram.device), xd.T @ t)
-        return unit_spread(w.T.float(), x.float())
+    return LinearRouterFit(x, ridge).fit(targets)
+
+
+class LinearRouterFit:
+    """The ridge system of one layer's inputs, formed once and solved for any targets.
+
+    Reassignment (reassign.py) refits the router to new experts several times on the same inputs; the
+    Gram matrix is most of a fit's work. With fewer calibration tokens than hidden dimensions (a
+    Llama-3-8B layer on 512 tokens) the same ridge solution comes from the tokens x tokens system,
+    W^T = X^T (X X^T + lam I)^-1 T (push-through identity), at a fraction of the work.
+    """
+
+    def __init__(self, x: torch.Tensor, ridge: float = 1e-3):
+        with torch.autocast(device_type=x.device.type, enabled=False):  # float64 normal equations everywhere
+            self.x = x
+            self.xd = x.double()
+            tokens, hidden = self.xd.shape
+            self.token_space = tokens < hidden
+            if self.token_space:
+                lam = ridge * self.xd.pow(2).sum() / hidden  # the mean of diag(X^T X), as below
+                self.system = self.xd @ self.xd.T
+                self.system.diagonal().add_(lam)
+            else:
+                gram = self.xd.T @ self.xd
+                lam = ridge * gram.diagonal().mean()
+                self.system = gram + lam * torch.eye(hidden, dtype=gram.dtype, device=gram.device)
+
+    def fit(self, targets: torch.Tensor) -> torch.Tensor:
+        """The router for `targets` ([tokens, experts]), scaled to unit logit spread on x."""
+        with torch.autocast(device_type=self.x.device.type, enabled=False):
+            t = targets.double()
+            t = t - t.mean(dim=1, keepdim=True)
+            if self.token_space:
+                w = self.xd.T @ torch.linalg.solve(self.system, t)
+            else:
+                w = torch.linalg.solve(self.system, self.xd.T @ t)
+            return unit_spread(w.T.float(), self.x.float())
 
 
 def unit_spread(router: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
