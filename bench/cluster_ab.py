@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--config", default="24x8x8", help="ROUTEDxTOPKxSHARED")
     ap.add_argument("--eval-chunks", type=int, default=8)
     ap.add_argument("--calibration-tokens", type=int, default=None, help="default: the split's (16384)")
-    ap.add_argument("--refine-steps", type=int, default=None, help="default: the split's (100)")
+    ap.add_argument("--refine-steps", type=int, default=None, help="default: the split's (150)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/moeify-cluster-ab"))
     args = ap.parse_args()
     from bench._models import smollm2_folder

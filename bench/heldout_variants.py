@@ -20,6 +20,10 @@ VARIANT:
                The refitted o_proj replaces the copied one in the written shards. Per layer it logs the
                held-out error of the attention output against that target (fitted on 7/8 of the sequences,
                scored on the rest) for several pulls, to stderr.
+  regret       the shared block chosen by what routing would lose: group the routed neurons and fit the router
+               as usual, route the training sequences, and make shared the neurons whose energy
+               a_j(t)^2 |d_j|^2 the best single expert would capture least of (total minus the best
+               expert's tokens' share); then the split goes on (grouping, reassignment, router, repair).
 CONFIG is as in bench/heldout.py. docs/quality.md records what each variant measured.
 """
 
@@ -223,6 +227,44 @@ def patch_attn(ridge: float) -> None:
     conv.split_model = split_model
 
 
+def patch_regret() -> None:
+    from moeify.split.methods.reassign import group_output_norms
+    from moeify.split.methods.refine import RefineSettings, heldout_split
+    from moeify.split.methods.router import fit_linear_router
+
+    split_layer, pick_shared = act.ActivationsMethod.split_layer, act.ActivationsMethod.pick_shared
+
+    def stash_split_layer(self, layer, ffn, x, target=None):
+        self._stash = (x, layer)
+        try:
+            return split_layer(self, layer, ffn, x, target)
+        finally:
+            self._stash = None
+
+    def regret_shared(self, ffn, acts, down_norms=None):
+        shared, routed = pick_shared(self, ffn, acts, down_norms)
+        ctx, stash = self.ctx, getattr(self, "_stash", None)
+        if stash is None or len(shared) == 0 or ctx.top_k >= ctx.experts:
+            return shared, routed
+        x, layer = stash
+        down_norms = act.column_norms(ffn.down) if down_norms is None else down_norms
+        groups = self.group(ffn, acts, routed, layer, down_norms)
+        fit, _ = heldout_split(x.shape[0], self.chunk_len, RefineSettings.holdout)
+        rows = torch.arange(fit.start or 0, fit.stop, 2)
+        router = fit_linear_router(x[rows], group_output_norms(acts[rows], ffn.down, groups), self.router_ridge)
+        chosen = torch.topk(x[rows] @ router.T, ctx.top_k, dim=-1).indices
+        mask = torch.zeros(len(rows), ctx.experts).scatter_(1, chosen, 1.0)
+        energy = acts[rows].pow(2) * down_norms.pow(2)
+        regret = energy.sum(0) - (mask.T @ energy).max(0).values  # what the neuron loses in its best expert
+        order = torch.argsort(regret, descending=True)
+        moved = len(set(order[:len(shared)].tolist()) - set(shared.tolist()))
+        print(f"regret layer {layer}: {moved} of {len(shared)} shared neurons changed", file=sys.stderr, flush=True)
+        return order[:len(shared)].sort().values, order[len(shared):]
+
+    act.ActivationsMethod.split_layer = stash_split_layer
+    act.ActivationsMethod.pick_shared = regret_shared
+
+
 def main() -> None:
     variant, rest = sys.argv[1], sys.argv[2:]
     if variant == "readers":
@@ -231,10 +273,12 @@ def main() -> None:
         patch_accept()
     elif variant.startswith("alpha="):
         patch_alpha(float(variant.removeprefix("alpha=")))
+    elif variant == "regret":
+        patch_regret()
     elif variant.startswith("attn="):
         patch_attn(float(variant.removeprefix("attn=")))
     else:
-        raise SystemExit(f"unknown variant {variant!r}: readers, accept, alpha=A or attn=R")
+        raise SystemExit(f"unknown variant {variant!r}: readers, accept, alpha=A, attn=R or regret")
     sys.argv = ["heldout.py", *rest]
     runpy.run_path(str(REPO / "bench" / "heldout.py"), run_name="__main__")
 

@@ -249,6 +249,41 @@ def test_repair_token_space_equals_neuron_space():
     assert not torch.allclose(by_neurons, joined.down, atol=1e-3)  # the refit moved the weights
 
 
+def test_neuron_space_repair_matches_float64_reference():
+    """The upper-triangle block rows give the ridge solution of the whole masked normal equations."""
+    from moeify.split.methods import repair
+    from moeify.split.moe_layer import MoELayer
+
+    g = torch.Generator().manual_seed(9)
+    hidden, m, experts, tokens, ridge = 12, 6, 5, 300, 0.3
+    blocks = [FFNWeights(*(torch.randn(s, generator=g) for s in ((m, hidden), (m, hidden), (hidden, m))))
+              for _ in range(experts + 1)]
+    moe = MoELayer(blocks[:experts], torch.randn(experts, hidden, generator=g), blocks[experts])
+    x = torch.randn(tokens, hidden, generator=g)
+    target = torch.randn(tokens, hidden, generator=g)
+    choices = torch.topk(torch.randn(tokens, experts, generator=g), 2, dim=-1).indices
+    joined, sizes = repair.neuron_blocks(moe)
+    got = repair._refit_in_neuron_space(joined, sizes, experts, x, target, choices, ridge, 64, None)
+    a = (repair.ffn_activations(joined, x) * repair.active_mask(choices, sizes, experts)).double()
+    gram = a.T @ a
+    lam = ridge * gram.diagonal().mean()
+    want = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64),
+                              a.T @ target.double() + lam * joined.down.T.double()).T
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_spd_solve_reads_one_triangle_and_mirrors_it_for_the_fallback():
+    from moeify.split.methods.repair import _spd_solve
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0]
+    b = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    for eigen in (torch.arange(1.0, 7.0), torch.tensor([3.0, -1.0, 2.0, 0.5, 4.0, -2.0])):  # SPD, then indefinite
+        full = q @ torch.diag(eigen.double()) @ q.T
+        upper_only = full.triu() + torch.full((6, 6), 1e3, dtype=torch.float64).tril(-1)  # garbage below
+        torch.testing.assert_close(_spd_solve(upper_only, b, upper=True), torch.linalg.solve(full, b))
+
+
 @pytest.mark.parametrize("tokens", [40, 200])  # fewer tokens than hidden dimensions: the tokens x tokens route
 def test_router_fit_is_the_same_ridge_solution_by_either_route(tokens):
     from moeify.split.methods.router import fit_linear_router

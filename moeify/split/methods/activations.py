@@ -84,7 +84,11 @@ class ActivationsMethod(SplitMethod):
     # at 53248 tokens, 0 -> 3 rounds: 50% 1.675x -> 1.620x (seed 1: 1.756x -> 1.659x), 25% 2.902x -> 2.549x
     # (seed 1: 2.882x -> 2.541x), split 496-552 s on 2 idle cores (docs/quality.md).
     reassign_rounds = 3
-    refine_steps = 100  # layer-local refinement after the closed-form steps (refine.py); 0 = off
+    # Layer-local refinement steps after the closed-form steps (refine.py); 0 = off. 100 -> 150 steps (with the
+    # faster repair, group norms and fused Adam that paid for them): held-out geomean of SmolLM2 50% 1.620x ->
+    # 1.621x (seed 1: 1.659x -> 1.610x), 25% 2.549x -> 2.443x (seed 1: 2.541x -> 2.440x), split 444-509 s on
+    # 2 idle cores (docs/quality.md).
+    refine_steps = 150
     refine_lr = RefineSettings.lr
     refine_batch = RefineSettings.batch
     chunk_len = 512  # calibration sequence length, set in prepare(): refinement holds out whole sequences

