@@ -29,6 +29,7 @@ CONFIG is as in bench/heldout.py. docs/quality.md records what each variant meas
 
 from __future__ import annotations
 
+import copy
 import math
 import runpy
 import sys
@@ -137,75 +138,63 @@ def patch_attn(ridge: float) -> None:
     import moeify.split.convert as conv
 
     refitted: dict[int, torch.Tensor] = {}
-    original_run = cal.LayerRunner._run_layer
+    original_run, original_load = cal.LayerRunner._run_layer, cal.LayerRunner._load_layer
+
+    def load_layer(self, layer):
+        """The runner's own loader, plus a hook on o_proj's input and copies of what the refit reads (the
+        runner drops the layer's weights when it is done with it)."""
+        module = original_load(self, layer)
+        if self.streams == 2:
+            self._attn_seen = []
+            self._attn_hook = module.self_attn.o_proj.register_forward_pre_hook(
+                lambda m, args: self._attn_seen.append(args[0].detach()))
+            self._attn_keep = (module.self_attn.o_proj.weight.detach().float().clone(),
+                               copy.deepcopy(module.post_attention_layernorm))
+        return module
 
     @torch.no_grad()
     def run_layer(self, layer):
         if self.streams != 2:
             return original_run(self, layer)
-        pending = [s for s, m in enumerate(self._mid) if m is not None]
-        if pending:
-            raise RuntimeError("advance() first")
-        module = self._load_layer(layer)
-        capture = cal.ffn_block(module)[1]
-        seen: list[torch.Tensor] = []
-        hook = module.self_attn.o_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
         try:
-            with self.compute.autocast():
-                for s, hidden in enumerate(self.hidden):
-                    seen.clear()
-                    mids = []
-                    for start in range(0, hidden.shape[0], self.batch):
-                        h = hidden[start:start + self.batch]
-                        rows = h.shape[0]
-                        cos, sin = self.position_embeddings
-                        out = module(h, attention_mask=self._mask_for(layer, rows),
-                                     position_ids=self.position_ids.expand(rows, -1),
-                                     position_embeddings=(cos.expand(rows, -1, -1), sin.expand(rows, -1, -1)))
-                        mids.append((out[0] if isinstance(out, tuple) else out).float())
-                    x = torch.cat(capture.seen).float()
-                    capture.seen.clear()
-                    self._x[s] = x.reshape(-1, x.shape[-1])
-                    self._mid[s] = torch.cat(mids)
-                    if s == 0:
-                        values = torch.cat(seen).float().reshape(-1, seen[0].shape[-1])
-            # stream 0 is the split model's, stream 1 the dense one's
-            t0 = time.perf_counter()
-            shape = self._mid[0].shape
-            h_split = self.hidden[0].reshape(-1, shape[-1]).float()
-            target = self._mid[1].reshape(-1, shape[-1]) - h_split  # what attention must add to land on dense
-            w_old = module.self_attn.o_proj.weight.detach().float()
-            seq = shape[1]
-            n_seq = shape[0]
-            held = max(1, n_seq // 8)
-            train = slice(0, (n_seq - held) * seq)
-            test = slice((n_seq - held) * seq, None)
-            v64 = values.double()
-            gram_tr = v64[train].T @ v64[train]
-            rhs_tr = v64[train].T @ target[train].double()
-            base = float((values[test] @ w_old.T - target[test]).norm() / target[test].norm())
-            errs = {"orig": round(base, 4)}
-            for r in (0.01, 0.1, 1.0, 10.0):
-                lam = r * gram_tr.diagonal().mean()
-                w = torch.linalg.solve(gram_tr + lam * torch.eye(gram_tr.shape[0], dtype=torch.float64),
-                                       rhs_tr + lam * w_old.T.double()).T.float()
-                errs[str(r)] = round(float((values[test] @ w.T - target[test]).norm() / target[test].norm()), 4)
-            gram = v64.T @ v64
-            lam = ridge * gram.diagonal().mean()
-            w_new = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64),
-                                       v64.T @ target.double() + lam * w_old.T.double()).T.float()
-            mid = (h_split + values @ w_new.T)
-            self._mid[0] = mid.reshape(shape)
-            self._x[0] = module.post_attention_layernorm(mid).float()
-            refitted[layer] = w_new.cpu()
-            print(f"attn layer {layer}: held-out error {errs} ({time.perf_counter() - t0:.1f} s)",
-                  file=sys.stderr, flush=True)
+            original_run(self, layer)  # stream 0 runs first: its o_proj inputs are the first rows seen
         finally:
-            hook.remove()
-            capture.seen.clear()
-            module.to("meta")
-        self._layer = layer
+            self._attn_hook.remove()
+        seen, (w_old, norm) = self._attn_seen, self._attn_keep
+        self._attn_seen = self._attn_keep = None
+        shape = self._mid[0].shape
+        values = torch.cat(seen)[:shape[0]].float().reshape(-1, seen[0].shape[-1])
+        # stream 0 is the split model's, stream 1 the dense one's
+        t0 = time.perf_counter()
+        h_split = self.hidden[0].reshape(-1, shape[-1]).float()
+        target = self._mid[1].reshape(-1, shape[-1]) - h_split  # what attention must add to land on dense
+        seq = shape[1]
+        n_seq = shape[0]
+        held = max(1, n_seq // 8)
+        train = slice(0, (n_seq - held) * seq)
+        test = slice((n_seq - held) * seq, None)
+        v64 = values.double()
+        gram_tr = v64[train].T @ v64[train]
+        rhs_tr = v64[train].T @ target[train].double()
+        base = float((values[test] @ w_old.T - target[test]).norm() / target[test].norm())
+        errs = {"orig": round(base, 4)}
+        for r in (0.01, 0.1, 1.0, 10.0):
+            lam = r * gram_tr.diagonal().mean()
+            w = torch.linalg.solve(gram_tr + lam * torch.eye(gram_tr.shape[0], dtype=torch.float64),
+                                   rhs_tr + lam * w_old.T.double()).T.float()
+            errs[str(r)] = round(float((values[test] @ w.T - target[test]).norm() / target[test].norm()), 4)
+        gram = v64.T @ v64
+        lam = ridge * gram.diagonal().mean()
+        w_new = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64),
+                                   v64.T @ target.double() + lam * w_old.T.double()).T.float()
+        mid = (h_split + values @ w_new.T)
+        self._mid[0] = mid.reshape(shape)
+        self._x[0] = norm(mid).float()
+        refitted[layer] = w_new.cpu()
+        print(f"attn layer {layer}: held-out error {errs} ({time.perf_counter() - t0:.1f} s)",
+              file=sys.stderr, flush=True)
 
+    cal.LayerRunner._load_layer = load_layer
     cal.LayerRunner._run_layer = run_layer
     original_split = conv.split_model
 

@@ -227,16 +227,22 @@ def test_cuda_split_is_close_to_cpu(tiny_models, tmp_path, method):
     assert _tensors(tmp_path / "cpu").keys() == _tensors(tmp_path / "cuda").keys()
 
 
+def _random_moe(g: torch.Generator, hidden: int, m: int, experts: int):
+    """A random split layer: `experts` routed experts and a shared block, all of m neurons."""
+    from moeify.split.moe_layer import MoELayer
+
+    blocks = [FFNWeights(*(torch.randn(s, generator=g) for s in ((m, hidden), (m, hidden), (hidden, m))))
+              for _ in range(experts + 1)]
+    return MoELayer(blocks[:experts], torch.randn(experts, hidden, generator=g), blocks[experts])
+
+
 def test_repair_token_space_equals_neuron_space():
     """The Woodbury (tokens x tokens) route gives the ridge solution of the n x n normal equations."""
     from moeify.split.methods import repair
-    from moeify.split.moe_layer import MoELayer
 
     g = torch.Generator().manual_seed(5)
     hidden, m, experts, tokens = 16, 8, 4, 60
-    blocks = [FFNWeights(*(torch.randn(s, generator=g) for s in ((m, hidden), (m, hidden), (hidden, m))))
-              for _ in range(experts + 1)]
-    moe = MoELayer(blocks[:experts], torch.randn(experts, hidden, generator=g), blocks[experts])
+    moe = _random_moe(g, hidden, m, experts)
     x = torch.randn(tokens, hidden, generator=g)
     target = torch.randn(tokens, hidden, generator=g)
     choices = torch.topk(torch.randn(tokens, experts, generator=g), 2, dim=-1).indices
@@ -252,13 +258,10 @@ def test_repair_token_space_equals_neuron_space():
 def test_neuron_space_repair_matches_float64_reference():
     """The upper-triangle block rows give the ridge solution of the whole masked normal equations."""
     from moeify.split.methods import repair
-    from moeify.split.moe_layer import MoELayer
 
     g = torch.Generator().manual_seed(9)
     hidden, m, experts, tokens, ridge = 12, 6, 5, 300, 0.3
-    blocks = [FFNWeights(*(torch.randn(s, generator=g) for s in ((m, hidden), (m, hidden), (hidden, m))))
-              for _ in range(experts + 1)]
-    moe = MoELayer(blocks[:experts], torch.randn(experts, hidden, generator=g), blocks[experts])
+    moe = _random_moe(g, hidden, m, experts)
     x = torch.randn(tokens, hidden, generator=g)
     target = torch.randn(tokens, hidden, generator=g)
     choices = torch.topk(torch.randn(tokens, experts, generator=g), 2, dim=-1).indices
