@@ -30,7 +30,7 @@ from moeify.split.methods.cluster import balanced_kmeans, reduce_features
 from moeify.split.methods.reassign import reassign
 from moeify.split.methods.refine import RefineSettings, heldout_split, refine_layer
 from moeify.split.methods.repair import joined_activations, moe_output, neuron_blocks, refit_down, relative_error
-from moeify.split.methods.router import fit_linear_router
+from moeify.split.methods.router import fit_linear_router, gram_output_norms
 from moeify.split.moe_layer import FFNWeights, MoELayer, split_by_groups
 
 PATTERN_TOKENS = 2048  # tokens whose activation pattern describes a neuron for clustering
@@ -321,8 +321,7 @@ def _expert_output_norms(moe: MoELayer, feats: torch.Tensor, probe: slice
     for e in range(experts):
         a, down = feats[:, e * m:(e + 1) * m], moe.experts[e].down.to(feats.dtype)
         if m < hidden:
-            gram = (down.T.double() @ down.double()).to(feats.dtype)  # [m, m], summed in float64
-            norms.append(((a @ gram) * a).sum(dim=-1).clamp_min(0).sqrt())
+            norms.append(gram_output_norms(a, down))
             if kept is not None:
                 kept[:, e] = a[probe] @ down.T
             continue

@@ -215,8 +215,9 @@ def _spd_solve(a: torch.Tensor, b: torch.Tensor, upper: bool = False) -> torch.T
     if int(info) == 0:
         return torch.cholesky_solve(b, factor, upper=upper)
     del factor
-    if upper:
-        a.copy_(a.triu() + a.triu(1).T)
+    if upper:  # one n x n temporary, not two
+        a.triu_()
+        a += a.triu(1).T
     return torch.linalg.solve(a, b)
 
 

@@ -14,6 +14,18 @@ import torch.nn.functional as F
 from moeify.split.moe_layer import FFNWeights
 
 
+def gram_output_norms(acts: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """[tokens]: |acts @ down.T| per token from the block's Gram matrix, |a D^T|^2 = a (D^T D) a^T.
+
+    For a block narrower than the hidden size this never forms the [tokens, hidden] output (writing and
+    re-reading it per expert was the largest closed-form cost of SmolLM2's default split); the Gram matrix
+    is summed in float64. acts: [tokens, m]; down: [hidden, m].
+    """
+    down = down.to(acts.dtype)
+    gram = (down.T.double() @ down.double()).to(acts.dtype)  # [m, m]
+    return ((acts @ gram) * acts).sum(dim=-1).clamp_min(0).sqrt()
+
+
 def expert_output_norms(experts: list[FFNWeights], x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """[tokens, experts]: |expert_e(x_t)|, what an oracle router would rank by."""
     cols = []
