@@ -1,0 +1,29 @@
+"""The held-out texts must share no passage with the default calibration text: every quality figure in
+docs/quality.md and the slow real-model test rely on it, and the calibration text was rewritten once
+(bench/spread_calibration.py), so the promise is checked here rather than trusted."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeify.data import default_calibration_path, packaged_text
+
+WINDOW, STRIDE = 200, 100  # what bench/spread_calibration.py checks before it writes the text
+
+
+@pytest.mark.parametrize("name", ["eval_wikipedia.txt", "eval_sense_and_sensibility.txt"])
+def test_held_out_text_shares_no_passage_with_calibration(name: str) -> None:
+    calibration = default_calibration_path().read_text(encoding="utf-8")
+    held_out = packaged_text(name).read_text(encoding="utf-8")
+    assert len(held_out) > 10 * WINDOW
+    shared = [i for i in range(0, len(held_out) - WINDOW, STRIDE) if held_out[i:i + WINDOW] in calibration]
+    assert not shared, f"{name} shares {len(shared)} 200-character windows with calibration.txt (first at {shared[0]})"
+
+
+def test_calibration_text_is_half_novel_half_encyclopaedia() -> None:
+    """The mix is what makes the default generalise (docs/quality.md): neither half may silently vanish."""
+    text = default_calibration_path().read_text(encoding="utf-8")
+    assert "Elizabeth" in text[:120_000] and "Darcy" in text[:120_000]
+    wiki = text[120_000:]
+    assert len(wiki) > 90_000
+    assert "Elizabeth" not in wiki[:20_000]
