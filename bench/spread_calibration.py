@@ -21,6 +21,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from moeify.data import shared_passages  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "data"
 NOVEL_CHARS = 119_819  # the novel half of the shipped text, unchanged
 WIKI_CHARS = 119_458  # the size of the shipped Wikipedia part: a ceiling, whole paragraphs fill ~107,000 of it
@@ -70,9 +74,9 @@ def main() -> None:
     sample = (SHARED / "wikipedia_sample.txt").read_text(encoding="utf-8")
     held_out = (REPO / "moeify" / "data" / "eval_wikipedia.txt").read_text(encoding="utf-8")
     text = novel + wikipedia_part(sample, held_out) + "\n"
-    for i in range(0, len(held_out) - 200, 100):  # the promise docs/quality.md makes, checked
-        if held_out[i:i + 200] in text:
-            raise SystemExit(f"calibration text shares a passage with the held-out excerpt at {i}")
+    shared = shared_passages(held_out, text)  # the promise docs/quality.md makes, checked
+    if shared:
+        raise SystemExit(f"calibration text shares a passage with the held-out excerpt at {shared[0]}")
     out.write_text(text, encoding="utf-8")
     print(f"{out}: {len(text)} characters ({len(novel)} novel)")
 

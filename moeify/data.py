@@ -24,6 +24,15 @@ def packaged_text(name: str) -> Path:
     return Path(str(resources.files("moeify") / "data" / name))
 
 
+def shared_passages(held_out: str, text: str, window: int = 200, stride: int = 100) -> list[int]:
+    """Offsets of the `window`-character passages of `held_out` (one every `stride`) that occur in `text`.
+
+    The held-out texts' promise (no passage in the calibration text) is checked in two places, when the
+    calibration text is written and in the tests, with this one definition of "passage".
+    """
+    return [i for i in range(0, len(held_out) - window, stride) if held_out[i:i + window] in text]
+
+
 def default_calibration_path() -> Path:
     return packaged_text("calibration.txt")
 
