@@ -13,9 +13,9 @@ History, measured with bench/heldout.py (docs/quality.md):
   articles (Anarchism and Autism), after ~120,000 characters of the novel;
 - then 40 spread windows (~107,000 characters) after the same novel half, about the same tokens: better
   on all four draws of the default (-2.7%, -3.2% at 50%, -2.6%, -3.7% at 25%);
-- then a third novel (72,000 characters, ~18,000 tokens) and two thirds
-  Wikipedia (62 windows, ~161,000 characters, ~36,000 tokens), the same ~54,000 tokens: -2.0%, -0.3% at 50%,
-  -1.9%, -1.3% at 25%, with the novel worse on every draw (+5% to +11%) and Wikipedia better (-6% to -13%);
+- then a third novel (its first 72,000 characters, ~18,000 tokens) and two thirds Wikipedia (62 windows,
+  ~161,000 characters, ~36,000 tokens), the same ~54,000 tokens: -2.0%, -0.3% at 50%, -1.9%, -1.3% at 25%,
+  with the novel worse on every draw (+5% to +11%) and Wikipedia better (-6% to -13%);
 - later that day the novel part spread too: 24 windows over the whole book instead of its first 72,000
   characters (~72,500 characters, ~17,900 tokens): -1.2%, +0.1% at 50%, -1.8%, -1.9% at 25%, the novel
   better on three draws (up to -7%) and Wikipedia worse by up to 4%.
