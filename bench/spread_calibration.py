@@ -86,10 +86,10 @@ def main() -> None:
     if len(sys.argv) != 2:
         raise SystemExit("usage: python bench/spread_calibration.py OUT.txt")
     out = Path(sys.argv[1])
-    novel = novel_part((SHARED / "pride_and_prejudice.txt").read_text(encoding="utf-8")) + "\n\n"
+    novel = novel_part((SHARED / "pride_and_prejudice.txt").read_text(encoding="utf-8"))
     sample = (SHARED / "wikipedia_sample.txt").read_text(encoding="utf-8")
     held_out = (REPO / "moeify" / "data" / "eval_wikipedia.txt").read_text(encoding="utf-8")
-    text = novel + wikipedia_part(sample, held_out) + "\n"
+    text = novel + "\n\n" + wikipedia_part(sample, held_out) + "\n"
     shared = shared_passages(held_out, text)  # the promise docs/quality.md makes, checked
     if shared:
         raise SystemExit(f"calibration text shares a passage with the held-out excerpt at {shared[0]}")
