@@ -24,6 +24,9 @@ VARIANT:
                as usual, route the training sequences, and make shared the neurons whose energy
                a_j(t)^2 |d_j|^2 the best single expert would capture least of (total minus the best
                expert's tokens' share); then the split goes on (grouping, reassignment, router, repair).
+  gates=PARTS  refinement also learns the routing weights the Qwen2-MoE checkpoint applies (PARTS of tau, router,
+               sgate joined by +; bench/_variant_gates.py).
+  tokw=MODE    every least-squares fit weights its tokens (MODE resid or cap; bench/_variant_token_weights.py).
 CONFIG is as in bench/heldout.py. docs/quality.md records what each variant measured.
 """
 
@@ -264,10 +267,19 @@ def main() -> None:
         patch_alpha(float(variant.removeprefix("alpha=")))
     elif variant == "regret":
         patch_regret()
+    elif variant.startswith("gates="):
+        from bench._variant_gates import patch_gates
+
+        patch_gates(variant.removeprefix("gates="))
+    elif variant.startswith("tokw="):
+        from bench._variant_token_weights import patch_token_weights
+
+        patch_token_weights(variant.removeprefix("tokw="))
     elif variant.startswith("attn="):
         patch_attn(float(variant.removeprefix("attn=")))
     else:
-        raise SystemExit(f"unknown variant {variant!r}: readers, accept, alpha=A, attn=R or regret")
+        raise SystemExit(f"unknown variant {variant!r}: readers, accept, alpha=A, attn=R, regret, gates=PARTS or "
+                         "tokw=MODE")
     sys.argv = ["heldout.py", *rest]
     runpy.run_path(str(REPO / "bench" / "heldout.py"), run_name="__main__")
 
