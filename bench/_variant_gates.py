@@ -74,22 +74,15 @@ def gated_refine(parts: tuple[str, ...]):
                 lr = GATE_LR / (float(x.abs().mean()) * math.sqrt(x.shape[1]))
             groups.append({"params": [p], "lr": lr})
         opt = torch.optim.Adam(groups, betas=(0.9, 0.99))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / max(1, settings.steps // 10))
-            * 0.5 * (1 + math.cos(math.pi * s / max(1, settings.steps))))
         xt, tt = x[train], target[train]
         energy = tt.pow(2).sum(1).mean().clamp_min(1e-30)
-        g = torch.Generator().manual_seed(seed)
-        batch = min(settings.batch, xt.shape[0])
-        for _ in range(settings.steps):
-            rows = torch.randint(0, xt.shape[0], (batch,), generator=g).to(x.device)
-            loss = (model(xt[rows], top_k) - tt[rows]).pow(2).sum(1).mean() / energy
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+
+        def clamp_tau():  # a negative scale would flip which experts the engine's top-k picks
             with torch.no_grad():
-                model.tau.clamp_(min=0)  # a negative scale would flip which experts the engine's top-k picks
+                model.tau.clamp_(min=0)
+
+        R.adam_steps(opt, settings.steps, xt.shape[0], settings.batch, seed,
+                     lambda rows: (model(xt[rows], top_k) - tt[rows]).pow(2).sum(1).mean() / energy, clamp_tau)
         after = R._error(model, x[held], target[held], top_k)
         info = {"refine_steps": settings.steps, "error_heldout_before_refine": round(before, 5),
                 "error_heldout_after_refine": round(after, 5), "refined": after < before,

@@ -94,20 +94,10 @@ def patch_token_weights(mode: str) -> None:
             p.requires_grad_(n in params)
         opt = torch.optim.Adam([{"params": [p], "lr": settings.lr * float(p.detach().std().clamp_min(1e-8))}
                                 for p in params.values()], betas=(0.9, 0.99), fused=R._fused_adam(x.device))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / max(1, settings.steps // 10))
-            * 0.5 * (1 + math.cos(math.pi * s / max(1, settings.steps))))
         xt, tt, wt = x[train], target[train], w[train]
         energy = (tt.pow(2).sum(1) * wt).mean().clamp_min(1e-30)
-        g = torch.Generator().manual_seed(seed)
-        batch = min(settings.batch, xt.shape[0])
-        for _ in range(settings.steps):
-            rows = torch.randint(0, xt.shape[0], (batch,), generator=g).to(x.device)
-            loss = ((model(xt[rows], top_k) - tt[rows]).pow(2).sum(1) * wt[rows]).mean() / energy
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        R.adam_steps(opt, settings.steps, xt.shape[0], settings.batch, seed,
+                     lambda rows: ((model(xt[rows], top_k) - tt[rows]).pow(2).sum(1) * wt[rows]).mean() / energy)
         after = _weighted_error(model, x[held], target[held], top_k, w[held])
         info = {"refine_steps": settings.steps, "error_heldout_before_refine": round(before, 5),
                 "error_heldout_after_refine": round(after, 5), "refined": after < before}

@@ -22,6 +22,7 @@ method fits its repair on the training sequences (`heldout_split`) whenever it r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +105,38 @@ def _fused_adam(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and torch.__version__ >= (2, 4))
 
 
+def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over the first tenth of the steps, then cosine decay to 0: Adam's first steps on a fresh
+    layer have no second-moment estimate yet, and the last ones should not undo the fit with full-size moves."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+
+
+def adam_steps(opt: torch.optim.Optimizer, steps: int, tokens: int, batch: int, seed: int,
+               batch_loss: Callable[[torch.Tensor], torch.Tensor],
+               after_step: Callable[[], None] | None = None) -> tuple[float | None, float | None]:
+    """`steps` optimiser steps on random batches of token rows (with replacement, seeded), on the warm-up and
+    cosine schedule; returns the first and last batch losses. `batch_loss` maps row indices to a scalar loss;
+    bench/ variants share the loop with their own losses."""
+    sched = warmup_cosine(opt, steps)
+    g = torch.Generator().manual_seed(seed)
+    device = opt.param_groups[0]["params"][0].device
+    batch = min(batch, tokens)
+    first = last = None
+    for _ in range(steps):
+        rows = torch.randint(0, tokens, (batch,), generator=g).to(device)
+        loss = batch_loss(rows)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if after_step is not None:
+            after_step()
+        first = float(loss.detach()) if first is None else first
+        last = float(loss.detach())
+    return first, last
+
+
 def _error(model: _Trainable, x: torch.Tensor, target: torch.Tensor, top_k: int, chunk: int = 4096) -> float:
     """Relative error of the hard-routed layer (what the checkpoint computes) on the given tokens."""
     num = den = 0.0
@@ -132,23 +165,10 @@ def refine_layer(moe: MoELayer, x: torch.Tensor, target: torch.Tensor, top_k: in
     scale = {name: float(p.detach().std().clamp_min(1e-8)) for name, p in params.items()}
     opt = torch.optim.Adam([{"params": [p], "lr": settings.lr * scale[n]} for n, p in params.items()],
                            betas=(0.9, 0.99), fused=_fused_adam(x.device))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, settings.steps // 10))
-        * 0.5 * (1 + math.cos(math.pi * s / max(1, settings.steps))))
     xt, tt = x[train], target[train]
     energy = tt.pow(2).sum(1).mean().clamp_min(1e-30)
-    g = torch.Generator().manual_seed(seed)
-    batch = min(settings.batch, xt.shape[0])
-    first = last = None
-    for _ in range(settings.steps):
-        rows = torch.randint(0, xt.shape[0], (batch,), generator=g).to(x.device)
-        loss = (model(xt[rows], top_k) - tt[rows]).pow(2).sum(1).mean() / energy
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        first = float(loss.detach()) if first is None else first
-        last = float(loss.detach())
+    first, last = adam_steps(opt, settings.steps, xt.shape[0], settings.batch, seed,
+                             lambda rows: (model(xt[rows], top_k) - tt[rows]).pow(2).sum(1).mean() / energy)
     after = _error(model, x[held], target[held], top_k)
     info = {"refine_steps": settings.steps, "error_heldout_before_refine": round(before, 5),
             "error_heldout_after_refine": round(after, 5), "refined": after < before,
