@@ -1,10 +1,10 @@
 """`bench/heldout_variants.py tokw=MODE`: weight the tokens of every least-squares fit of the split.
 
 SmolLM2 writes a massive activation at the first token of every sequence (`python bench/massive_tokens.py`):
-that token holds 99.9% of layer 11's FFN output energy and the residual stream there is 180x the median token's
-from layer 11 to 27; layer 28 takes it out again. The split's fits (reassignment, router, ridge repair,
-refinement and its keep-if-better error) sum squared errors over tokens, so at such layers they are fits of a
-few hundred tokens. MODE:
+that token holds 99.9% of layer 11's FFN output energy, and the residual stream at that token is 180x the median
+token's after layer 11 and still 33x after layer 27; layer 28 takes it out again. The split's fits (reassignment,
+router, ridge repair, refinement and its keep-if-better error) sum squared errors over tokens, so at layers 11
+and 28 they are mostly fits of the sequences' first tokens. MODE:
   resid  weight token t by 1 / |h_t|^2, h the dense residual stream after the layer: the next layer reads
          RMSNorm(h), so an output error matters relative to |h_t|;
   cap    tokens whose target energy exceeds 100x the layer's median are outliers; where they hold more than
