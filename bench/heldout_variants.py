@@ -27,6 +27,7 @@ VARIANT:
   gates=PARTS  refinement also learns the routing weights the Qwen2-MoE checkpoint applies (PARTS of tau, router,
                sgate joined by +; bench/_variant_gates.py).
   tokw=MODE    every least-squares fit weights its tokens (MODE resid or cap; bench/_variant_token_weights.py).
+  prox=W       refinement decays towards the closed-form layer it starts from (strength W; bench/_variant_proximal.py).
 CONFIG is as in bench/heldout.py. docs/quality.md records what each variant measured.
 """
 
@@ -275,11 +276,15 @@ def main() -> None:
         from bench._variant_token_weights import patch_token_weights
 
         patch_token_weights(variant.removeprefix("tokw="))
+    elif variant.startswith("prox="):
+        from bench._variant_proximal import patch_proximal
+
+        patch_proximal(float(variant.removeprefix("prox=")))
     elif variant.startswith("attn="):
         patch_attn(float(variant.removeprefix("attn=")))
     else:
-        raise SystemExit(f"unknown variant {variant!r}: readers, accept, alpha=A, attn=R, regret, gates=PARTS or "
-                         "tokw=MODE")
+        raise SystemExit(f"unknown variant {variant!r}: readers, accept, alpha=A, attn=R, regret, gates=PARTS, "
+                         "tokw=MODE or prox=W")
     sys.argv = ["heldout.py", *rest]
     runpy.run_path(str(REPO / "bench" / "heldout.py"), run_name="__main__")
 
