@@ -6,6 +6,8 @@ calibration batches ask. This variant adds the same kind of pull to refinement a
 starting point (AdamW's weight decay with the closed-form weights as its origin): after every step each
 parameter moves a fraction lr x W x (schedule factor) of the way back to where it started. With the shipped step
 size (1e-2) W = 10 gives a displacement half-life of about 7 steps at the peak of the schedule; W = 1 about 70.
+The pull's lr is that shipped RefineSettings.lr whatever `refine_lr` a config sets: the optimiser's groups hold lr
+times each tensor's scale, which cannot be split back apart here.
 Measured 2026-12-07 (docs/quality.md): W = 10 gave 1.619x at 50% against 1.585x for the default on the same
 machine, so refinement is not overfitting in a way a pull back cures.
 """
