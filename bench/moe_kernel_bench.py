@@ -7,9 +7,10 @@ serve_bench.py measures whole-model tokens/s; this says why a layout is as fast 
 venv (no model, random bf16 weights of SmolLM2's shapes: hidden 576, FFN 1536) and times, per FFN block:
 - dense: gate_up and down through the linear vLLM dispatches for this CPU (`dispatch_cpu_unquantized_gemm`:
   oneDNN, or SGL's packed GEMM for small weights on AMX) and vLLM's `silu_and_mul`;
-- each layout `E x K [-sS]`: the router (same dispatch), softmax and top-k, `cpu_fused_moe` with the ISA
-  vLLM picks (`amx` with AMX tiles, else the portable `vec`), its experts zero-padded to a multiple of 32
-  neurons as vLLM pads them at load time, and for S > 0 Qwen2-MoE's shared expert (gate_up, silu_and_mul,
+- each layout `E x K [-sS] [-pP]` (serve_bench.py's grammar; a target suffix changes nothing here): the router
+  (same dispatch), softmax and top-k, `cpu_fused_moe` with the ISA vLLM picks (`amx` with AMX tiles, else the
+  portable `vec`), its experts zero-padded as vLLM pads them at load time (its kernel class's alignment, 32
+  neurons in vLLM 0.32), and for S > 0 Qwen2-MoE's shared expert (gate_up, silu_and_mul,
   down, the sigmoid gate, the add). "kernel" is the fused call alone with fixed routing.
 
 Each case cycles through `--layers` copies of its weights, so they stream from memory as in a real decode
@@ -24,14 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.serve_bench import parse_config  # noqa: E402  (the same E x K [-sS] grammar as the serving bench)
+
 HIDDEN, FFN = 576, 1536
-LAYOUT = re.compile(r"^(\d+)x(\d+)(?:-s(\d+))?$")
 DEFAULT_LAYOUTS = ["8x2", "8x4", "22x4-s2", "56x8-s8", "52x4-s12", "50x2-s14", "18x6-s6", "36x12-s12",
                    "48x16-s16", "40x8-s24", "36x4-s28", "72x24-s24", "64x32"]
 
@@ -73,17 +77,28 @@ def _isa() -> str:
     return "amx" if torch.cpu._is_amx_tile_supported() else "vec"
 
 
+def _padded(size: int) -> int:
+    """The expert size vLLM pads to at load time (`_pad_moe_intermediate`), asked of its kernel class."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import (
+        CPUUnquantizedExperts,
+        X86CPUUnquantizedExperts,
+    )
+    from vllm.utils.math_utils import round_up
+
+    kernel = X86CPUUnquantizedExperts if _isa() == "amx" else CPUUnquantizedExperts
+    return round_up(size, kernel._intermediate_alignment())
+
+
 def dense_block(x: torch.Tensor) -> Callable[[], torch.Tensor]:
     gate_up, down = _Linear(2 * FFN, HIDDEN), _Linear(HIDDEN, FFN)
     return lambda: down(_silu_and_mul(gate_up(x)))
 
 
-def moe_block(x: torch.Tensor, experts: int, top_k: int, shared: int, kernel_only: bool
+def moe_block(x: torch.Tensor, experts: int, top_k: int, shared: int, size: int, kernel_only: bool
               ) -> Callable[[], torch.Tensor]:
     from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
 
-    isa, size = _isa(), FFN // (experts + shared)
-    padded = (size + 31) // 32 * 32
+    isa, padded = _isa(), _padded(size)
     w13 = cpu_prepack_moe_weight(torch.randn(experts, 2 * padded, HIDDEN, dtype=torch.bfloat16) * 0.02, isa)
     w2 = cpu_prepack_moe_weight(torch.randn(experts, HIDDEN, padded, dtype=torch.bfloat16) * 0.02, isa)
     router = _Linear(experts, HIDDEN)
@@ -113,9 +128,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--layers", type=int, default=30, help="weight copies cycled, so they stream from memory")
     args = ap.parse_args()
-    for name in args.layouts:
-        if not LAYOUT.match(name):
-            raise SystemExit(f"error: layout {name!r} is not E x K [-sS] (e.g. 48x16-s16)")
+    layouts = {name: parse_config(name) for name in args.layouts}  # bad names fail here, before any timing
     torch.manual_seed(0)
     x = torch.randn(args.tokens, HIDDEN, dtype=torch.bfloat16)
     dense_bytes = 3 * FFN * HIDDEN * 2
@@ -123,16 +136,15 @@ def main() -> None:
     print(json.dumps({"isa": _isa(), "threads": torch.get_num_threads(), "tokens": args.tokens}), flush=True)
     print(json.dumps({"layout": "dense", "active": 1.0, "full_us": round(dense_us, 1), "x_dense": 1.0,
                       "gemm_gb_s": round(dense_bytes / dense_us / 1e3, 1)}), flush=True)
-    keep = []  # every layer stays alive until the end: a freed buffer's address reused could alias a cache
-    for name in args.layouts:
-        experts, top_k, shared = (int(g or 0) for g in LAYOUT.match(name).groups())
+    for name, layout in layouts.items():
+        experts, top_k, shared = layout["experts"], layout["top_k"], layout["shared"]
         size = FFN // (experts + shared)
-        calls = [moe_block(x, experts, top_k, shared, kernel_only=False) for _ in range(args.layers)]
-        kernel = [moe_block(x, experts, top_k, shared, kernel_only=True) for _ in range(args.layers)]
-        keep += [calls, kernel]
+        stored = -(-size // layout["pad_to"]) * layout["pad_to"]  # `--pad-to` zeros, stored in the checkpoint
+        calls = [moe_block(x, experts, top_k, shared, stored, kernel_only=False) for _ in range(args.layers)]
+        kernel = [moe_block(x, experts, top_k, shared, stored, kernel_only=True) for _ in range(args.layers)]
         full_us, kernel_us = _time(calls, args.rounds), _time(kernel, args.rounds)
         routed_bytes = top_k * size * HIDDEN * 3 * 2
-        row = {"layout": name, "expert_neurons": size, "padded_to": (size + 31) // 32 * 32,
+        row = {"layout": name, "expert_neurons": size, "padded_to": _padded(stored),
                "active": round((top_k + shared) * size / FFN, 3), "full_us": round(full_us, 1),
                "kernel_us": round(kernel_us, 1), "x_dense": round(dense_us / full_us, 2),
                "kernel_gb_s": round(routed_bytes / kernel_us / 1e3, 1)}
